@@ -1,0 +1,1 @@
+//! Orchard benchmarks: the `orchard-bench` load generator and offline engine benchmarks.

@@ -1,0 +1,1 @@
+//! Orchard router: public gRPC and HTTP fronts, RouterActor, WorkerLink actors and policies.

@@ -1,0 +1,5 @@
+//! `orchard-router`: the router process.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("orchard-router: not built yet")
+}

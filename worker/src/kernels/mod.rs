@@ -1,0 +1,1 @@
+//! CPU kernels: SIMD quantized matrix products and paged attention.

@@ -1,0 +1,1 @@
+//! KV cache: the block manager (vLLM v1 semantics) and the paged KV store.

@@ -1,0 +1,1 @@
+//! Model code (candle style): Llama-family decoders from GGUF and safetensors.

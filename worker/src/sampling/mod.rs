@@ -1,0 +1,1 @@
+//! Per-request sampling: penalties, temperature, top-k/top-p/min-p, logprobs.

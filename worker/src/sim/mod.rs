@@ -1,0 +1,1 @@
+//! The simulated engine: the real scheduler and KV manager with a timing model instead of a model.

@@ -1,0 +1,1 @@
+//! Text: tokenizer from GGUF metadata or tokenizer.json, chat templates, incremental detokenizer.
