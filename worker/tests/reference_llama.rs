@@ -1,0 +1,145 @@
+//! Our Llama against candle-transformers' `quantized_llama` on the default model, teacher-forced
+//! on the reference's greedy continuation of four prompts (64 tokens each).
+
+use std::fs::File;
+use std::io::BufReader;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use orchard_worker::engine::batch::{SeqSlice, StepBatch};
+use orchard_worker::model::gguf::{self, default_model_path};
+use orchard_worker::model::{KvStore, KvStoreConfig};
+use orchard_worker::text::gguf_tokenizer;
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+];
+const STEPS: usize = 64;
+const BLOCK: usize = 16;
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The reference's greedy continuation, with its logits at each step.
+fn reference(path: &std::path::Path, prompt: &[u32]) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut reader)?;
+    let mut m = ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?;
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    let mut input = prompt.to_vec();
+    let mut pos = 0;
+    for _ in 0..STEPS {
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let row = m.forward(&x, pos)?.squeeze(0)?.to_vec1::<f32>()?;
+        pos += input.len();
+        let next = argmax(&row) as u32;
+        tokens.push(next);
+        logits.push(row);
+        input = vec![next];
+    }
+    Ok((tokens, logits))
+}
+
+/// One sequence through our model, fed `prompt` then `forced` one token at a time; the argmax
+/// after the prompt and after each forced token.
+fn ours_forced(
+    model: &orchard_worker::model::Llama,
+    prompt: &[u32],
+    forced: &[u32],
+) -> Result<Vec<u32>> {
+    let cfg = model.config();
+    let total = prompt.len() + forced.len();
+    let blocks = total.div_ceil(BLOCK);
+    let mut kv = KvStore::new(KvStoreConfig {
+        num_layers: cfg.num_layers,
+        num_blocks: blocks + 1,
+        block_size: BLOCK,
+        kv_dim: cfg.kv_dim(),
+    });
+    // Blocks in reverse order, so the block table really is consulted.
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    let mut out = Vec::new();
+    let mut done = 0usize;
+    let mut feed = prompt.to_vec();
+    for step in 0..=forced.len().min(STEPS - 1) {
+        let positions: Vec<u32> = (done..done + feed.len()).map(|p| p as u32).collect();
+        let slots = positions
+            .iter()
+            .map(|&p| kv.slot_of(&table, p as usize).map(|s| s as u32))
+            .collect::<Option<Vec<_>>>()
+            .context("block table too short")?;
+        done += feed.len();
+        let batch = StepBatch {
+            token_ids: feed.clone(),
+            positions,
+            slot_mapping: slots,
+            seqs: vec![SeqSlice {
+                query_start: 0,
+                query_len: feed.len() as u32,
+                context_len: done as u32,
+                block_table: table.clone(),
+                needs_logits: true,
+            }],
+        };
+        let row = model.forward(&batch, &mut kv)?.squeeze(0)?.to_vec1::<f32>()?;
+        out.push(argmax(&row) as u32);
+        feed = vec![forced[step]];
+    }
+    Ok(out)
+}
+
+#[test]
+fn greedy_argmax_matches_candle_quantized_llama() -> Result<()> {
+    let path = default_model_path();
+    anyhow::ensure!(
+        path.exists(),
+        "default model missing at {} (run deploy/fetch-model.sh)",
+        path.display()
+    );
+    let loaded = gguf::load(&path, &Device::Cpu)?;
+    let tokenizer = gguf_tokenizer::from_gguf(&loaded.content)?;
+    let (mut agree, mut total) = (0usize, 0usize);
+    for prompt in PROMPTS {
+        let ids = tokenizer
+            .encode(prompt, false)
+            .map_err(anyhow::Error::msg)?
+            .get_ids()
+            .to_vec();
+        let (ref_tokens, ref_logits) = reference(&path, &ids)?;
+        let ours = ours_forced(&loaded.model, &ids, &ref_tokens)?;
+        let same = ours.iter().zip(&ref_tokens).filter(|(a, b)| a == b).count();
+        eprintln!("{prompt:?}: {same}/{STEPS} argmax agree; ours {ours:?}; ref {ref_tokens:?}");
+        for (i, (&a, &b)) in ours.iter().zip(&ref_tokens).enumerate() {
+            total += 1;
+            if a == b {
+                agree += 1;
+                continue;
+            }
+            let mut sorted = ref_logits[i].clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            assert!(
+                sorted[0] - sorted[1] < 0.5,
+                "prompt {prompt:?} step {i}: ours {a} vs reference {b}, not a near-tie ({} vs {})",
+                sorted[0],
+                sorted[1]
+            );
+        }
+    }
+    assert_eq!(total, PROMPTS.len() * STEPS);
+    assert!(
+        agree * 100 >= total * 98,
+        "argmax agreement {agree}/{total} below 98%"
+    );
+    Ok(())
+}
