@@ -296,9 +296,8 @@ mod tests {
         let mut workers = vec![worker("big", 4.0, 0), worker("small", 1.0, 0)];
         let prompt = [1, 2, 3, 4];
         assert_eq!(pick(&mut policy, &prompt, &workers), Some(0));
-        // big: 8/4 = 2 <= 2 * 0.5 + 1; a raw count of 8 against 0.5 would have broken it.
+        // big: 8/4 = 2 <= 2 * (1/2) + 1 keeps affinity; raw counts (8 > 2 * 1 + 1) would not.
         workers[0].in_flight = 8;
-        workers[1].in_flight = 0;
         workers[1].weight = 2.0;
         workers[1].in_flight = 1;
         assert_eq!(pick(&mut policy, &prompt, &workers), Some(0));
