@@ -1,1 +1,3 @@
 //! Orchard router: public gRPC and HTTP fronts, RouterActor, WorkerLink actors and policies.
+
+pub mod policy;
