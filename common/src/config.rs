@@ -282,11 +282,12 @@ fn one() -> f64 {
 }
 
 /// The routing policy; this enum *is* the config (`[policy] kind = "power_of_two"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PolicyConfig {
     RoundRobin,
     LeastOutstanding,
+    #[default]
     PowerOfTwo,
     PrefixAffinity {
         /// Tokens per hashed block when matching prefixes (match the workers' block size).
@@ -305,12 +306,6 @@ fn default_affinity_block() -> u32 {
 
 fn default_overload_factor() -> f64 {
     2.0
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        Self::PowerOfTwo
-    }
 }
 
 /// Health polling and the circuit breaker of each WorkerLink.

@@ -16,7 +16,7 @@ const TOKEN_TYPE_CONTROL: i32 = 3;
 
 /// Special token ids named in the metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SpecialTokens {
+pub struct SpecialTokenIds {
     pub bos: Option<u32>,
     pub eos: Option<u32>,
 }
@@ -34,9 +34,9 @@ fn string_list(ct: &gguf_file::Content, key: &str) -> Result<Vec<String>, ModelE
 }
 
 /// The ids of BOS and EOS, where the metadata names them.
-pub fn special_tokens(ct: &gguf_file::Content) -> SpecialTokens {
+pub fn special_tokens(ct: &gguf_file::Content) -> SpecialTokenIds {
     let id = |key: &str| ct.metadata.get(key).and_then(|v| v.to_u32().ok());
-    SpecialTokens {
+    SpecialTokenIds {
         bos: id("tokenizer.ggml.bos_token_id"),
         eos: id("tokenizer.ggml.eos_token_id"),
     }
