@@ -1,1 +1,3 @@
 //! CPU kernels: SIMD quantized matrix products and paged attention.
+
+pub mod q4_1;
