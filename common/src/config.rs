@@ -391,10 +391,16 @@ impl Validate for RouterConfig {
             }
         }
         if self.max_in_flight_per_worker == 0 {
-            return Err(ConfigError::invalid("max_in_flight_per_worker", "must be >= 1"));
+            return Err(ConfigError::invalid(
+                "max_in_flight_per_worker",
+                "must be >= 1",
+            ));
         }
         if self.health.failure_threshold == 0 {
-            return Err(ConfigError::invalid("health.failure_threshold", "must be >= 1"));
+            return Err(ConfigError::invalid(
+                "health.failure_threshold",
+                "must be >= 1",
+            ));
         }
         if let PolicyConfig::PrefixAffinity {
             block_size,
@@ -405,7 +411,10 @@ impl Validate for RouterConfig {
                 return Err(ConfigError::invalid("policy.block_size", "must be >= 1"));
             }
             if !(overload_factor.is_finite() && *overload_factor >= 1.0) {
-                return Err(ConfigError::invalid("policy.overload_factor", "must be >= 1"));
+                return Err(ConfigError::invalid(
+                    "policy.overload_factor",
+                    "must be >= 1",
+                ));
             }
         }
         Ok(())
@@ -448,7 +457,10 @@ mod tests {
                 overload_factor: 2.0
             }
         );
-        std::fs::write(&path, "[[workers]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n")?;
+        std::fs::write(
+            &path,
+            "[[workers]]\nid = \"a\"\naddress = \"127.0.0.1:1\"\n",
+        )?;
         let err = load::<RouterConfig>(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("workers.address"), "{err}");
         Ok(())

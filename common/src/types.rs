@@ -80,7 +80,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<(), OrchardError> {
         let bad = |name: &str, why: String| Err(OrchardError::invalid(format!("{name}: {why}")));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", format!("must be >= 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be >= 0, got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));

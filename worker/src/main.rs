@@ -63,12 +63,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let tokenizer = gguf_tokenizer::from_gguf(&loaded.content)?;
     let special = gguf_tokenizer::special_tokens(&loaded.content);
     let text = match (args.raw, gguf_tokenizer::chat_template(&loaded.content)) {
-        (false, Some(src)) => ChatTemplate::new(src, String::new(), String::new())?.render(&[
-            Message {
+        (false, Some(src)) => {
+            ChatTemplate::new(src, String::new(), String::new())?.render(&[Message {
                 role: "user".into(),
                 content: args.prompt.clone(),
-            },
-        ])?,
+            }])?
+        }
         _ => args.prompt.clone(),
     };
     let prompt = tokenizer
@@ -115,7 +115,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         feed = vec![next];
     }
-    report(start, first_token, prompt.len(), tokens.len() - prompt.len());
+    report(
+        start,
+        first_token,
+        prompt.len(),
+        tokens.len() - prompt.len(),
+    );
     Ok(())
 }
 

@@ -57,7 +57,7 @@ impl Q4_1Matrix {
             candle_core::bail!("Q4_1Matrix: expected dtype Q4_1, got {:?}", qtensor.dtype());
         }
         let (n_out, k) = qtensor.shape().dims2()?;
-        if k % QK != 0 {
+        if !k.is_multiple_of(QK) {
             candle_core::bail!("Q4_1Matrix: k = {k} is not a multiple of {QK}");
         }
         let data = qtensor.data()?;
@@ -66,7 +66,7 @@ impl Q4_1Matrix {
 
     /// Repacks raw ggml `block_q4_1` bytes (row-major `[n_out, k]`).
     pub fn from_raw(data: &[u8], n_out: usize, k: usize) -> Result<Self> {
-        if k % QK != 0 {
+        if !k.is_multiple_of(QK) {
             candle_core::bail!("Q4_1Matrix: k = {k} is not a multiple of {QK}");
         }
         let nblocks = n_out * (k / QK);

@@ -1,5 +1,5 @@
 //! CPU paged attention: each query token attends to its sequence's cached keys through the
-//! block table, with an online (streaming) softmax, grouped-query heads and a causal offset so
+//! block table, grouped-query heads and a causal offset so
 //! a prefill chunk sees the tokens cached before it plus the chunk tokens up to itself.
 
 use rayon::prelude::*;
@@ -49,6 +49,10 @@ pub fn paged_attention(
 }
 
 /// One token, all heads: attends to the first `ctx` positions of the sequence.
+///
+/// Softmax is taken in two passes (scores, then normalised weights times V), the same order
+/// of operations as a dense `softmax(q k^T) v`, so results match the reference model's
+/// rounding as closely as f32 allows.
 fn attend_token(
     q_row: &[f32],
     out_row: &mut [f32],
@@ -61,34 +65,30 @@ fn attend_token(
     let d = heads.head_dim;
     let group = heads.num_heads / heads.num_kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut max = vec![f32::NEG_INFINITY; heads.num_heads];
-    let mut denom = vec![0.0f32; heads.num_heads];
+    let slots: Vec<usize> = (0..ctx).map_while(|p| kv.slot_of(table, p)).collect();
+    let mut weights = vec![0.0f32; slots.len()];
     out_row.fill(0.0);
-    for p in 0..ctx {
-        let Some(slot) = kv.slot_of(table, p) else { break };
-        let (k, v) = kv.slot(layer, slot);
-        for h in 0..heads.num_heads {
-            let g = h / group;
-            let qh = &q_row[h * d..(h + 1) * d];
-            let kh = &k[g * d..(g + 1) * d];
-            let score = dot(qh, kh) * scale;
-            let acc = &mut out_row[h * d..(h + 1) * d];
-            let vh = &v[g * d..(g + 1) * d];
-            if score > max[h] {
-                let correction = (max[h] - score).exp();
-                denom[h] *= correction;
-                acc.iter_mut().for_each(|a| *a *= correction);
-                max[h] = score;
-            }
-            let w = (score - max[h]).exp();
-            denom[h] += w;
-            acc.iter_mut().zip(vh).for_each(|(a, &x)| *a += w * x);
-        }
-    }
     for h in 0..heads.num_heads {
-        if denom[h] > 0.0 {
-            let inv = 1.0 / denom[h];
-            out_row[h * d..(h + 1) * d].iter_mut().for_each(|a| *a *= inv);
+        let g = h / group;
+        let qh = &q_row[h * d..(h + 1) * d];
+        let mut max = f32::NEG_INFINITY;
+        for (w, &slot) in weights.iter_mut().zip(&slots) {
+            let (k, _) = kv.slot(layer, slot);
+            *w = dot(qh, &k[g * d..(g + 1) * d]) * scale;
+            max = max.max(*w);
+        }
+        let mut sum = 0.0f32;
+        for w in weights.iter_mut() {
+            *w = (*w - max).exp();
+            sum += *w;
+        }
+        let acc = &mut out_row[h * d..(h + 1) * d];
+        for (w, &slot) in weights.iter().zip(&slots) {
+            let p = w / sum;
+            let (_, v) = kv.slot(layer, slot);
+            acc.iter_mut()
+                .zip(&v[g * d..(g + 1) * d])
+                .for_each(|(a, &x)| *a += p * x);
         }
     }
 }

@@ -58,7 +58,9 @@ impl LlamaConfig {
             num_kv_heads,
             head_dim,
             vocab_size,
-            rope_theta: get("rope.freq_base").and_then(|v| Ok(v.to_f32()?)).unwrap_or(10_000.0),
+            rope_theta: get("rope.freq_base")
+                .and_then(|v| Ok(v.to_f32()?))
+                .unwrap_or(10_000.0),
             rms_norm_eps: get("attention.layer_norm_rms_epsilon")
                 .and_then(|v| Ok(v.to_f32()? as f64))
                 .unwrap_or(1e-5),
@@ -72,14 +74,16 @@ impl LlamaConfig {
     /// Rejects shapes the layers cannot serve.
     pub fn check(&self) -> Result<(), ModelError> {
         let bad = |why: String| Err(ModelError::Unsupported(why));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "{} attention heads are not a multiple of {} kv heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim * self.num_heads != self.hidden_size {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim * self.num_heads != self.hidden_size {
             return bad(format!(
                 "head_dim {} x {} heads does not match hidden size {}",
                 self.head_dim, self.num_heads, self.hidden_size

@@ -33,7 +33,12 @@ impl KvStore {
     }
 
     /// Number of blocks that fit in `bytes` for a model of this shape.
-    pub fn blocks_for_bytes(bytes: usize, num_layers: usize, block_size: usize, kv_dim: usize) -> usize {
+    pub fn blocks_for_bytes(
+        bytes: usize,
+        num_layers: usize,
+        block_size: usize,
+        kv_dim: usize,
+    ) -> usize {
         let per_block = 2 * num_layers * block_size * kv_dim * std::mem::size_of::<f32>();
         bytes / per_block.max(1)
     }
@@ -54,7 +59,10 @@ impl KvStore {
     pub fn slot(&self, layer: usize, slot: usize) -> (&[f32], &[f32]) {
         let d = self.cfg.kv_dim;
         let at = slot * d;
-        (&self.keys[layer][at..at + d], &self.values[layer][at..at + d])
+        (
+            &self.keys[layer][at..at + d],
+            &self.values[layer][at..at + d],
+        )
     }
 
     /// Slot index of the `pos`-th token of a sequence with this block table.

@@ -54,7 +54,11 @@ impl Rope {
             let (cos, sin) = (&self.cos[at..at + self.half], &self.sin[at..at + self.half]);
             for head in row.chunks_mut(head_dim) {
                 for i in 0..self.half {
-                    let (a, b) = if self.neox { (i, i + self.half) } else { (2 * i, 2 * i + 1) };
+                    let (a, b) = if self.neox {
+                        (i, i + self.half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
                     let (x0, x1) = (head[a], head[b]);
                     head[a] = x0 * cos[i] - x1 * sin[i];
                     head[b] = x0 * sin[i] + x1 * cos[i];

@@ -59,7 +59,10 @@ mod tests {
             role: "user".into(),
             content: "hi".into(),
         }])?;
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
         Ok(())
     }
 }

@@ -62,7 +62,11 @@ pub fn from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelError> {
     let tokens = string_list(ct, "tokenizer.ggml.tokens")?;
     let merges = string_list(ct, "tokenizer.ggml.merges")?;
     let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v.to_vec()?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+        Some(v) => v
+            .to_vec()?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
         None => Vec::new(),
     };
     let vocab: serde_json::Map<String, Value> = tokens
