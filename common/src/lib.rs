@@ -5,6 +5,8 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
+pub mod telemetry;
 pub mod types;
 
 pub use error::{ErrorKind, OrchardError};
