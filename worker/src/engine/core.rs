@@ -172,7 +172,10 @@ impl EngineCore {
             }
             Ok(rows) => self.fail_step(
                 &out,
-                &format!("model returned {} logit rows, expected {expected}", rows.len()),
+                &format!(
+                    "model returned {} logit rows, expected {expected}",
+                    rows.len()
+                ),
             ),
             Err(e) => self.fail_step(&out, &e.to_string()),
         }
@@ -196,7 +199,10 @@ impl EngineCore {
     fn fail_step(&mut self, out: &SchedulerOutput, message: &str) {
         tracing::error!(error = message, "engine step failed");
         for s in &out.scheduled {
-            self.fail(s.id, OrchardError::internal(format!("engine step failed: {message}")));
+            self.fail(
+                s.id,
+                OrchardError::internal(format!("engine step failed: {message}")),
+            );
         }
     }
 
@@ -245,7 +251,11 @@ impl EngineCore {
         let Some(state) = self.requests.get(&id) else {
             return;
         };
-        if state.events.send(EngineEvent::Tokens(outcome.chunk)).is_err() {
+        if state
+            .events
+            .send(EngineEvent::Tokens(outcome.chunk))
+            .is_err()
+        {
             self.remove(id);
             return;
         }

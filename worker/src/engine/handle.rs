@@ -113,11 +113,7 @@ impl EngineHandle {
         }
         req.params.validate()?;
         let info = &self.info;
-        if let Some(&bad) = req
-            .prompt_token_ids
-            .iter()
-            .find(|&&t| t >= info.vocab_size)
-        {
+        if let Some(&bad) = req.prompt_token_ids.iter().find(|&&t| t >= info.vocab_size) {
             return Err(OrchardError::invalid(format!(
                 "prompt: token id {bad} is outside the vocabulary ({} tokens)",
                 info.vocab_size

@@ -42,7 +42,10 @@ pub fn load_model(cfg: &WorkerConfig) -> Result<(EngineParts, TextFrontend), Eng
         kv_dim: model_cfg.kv_dim(),
     });
     let model_len = model_cfg.max_position_embeddings as u32;
-    let max_model_len = cfg.engine.max_model_len.map_or(model_len, |l| l.min(model_len));
+    let max_model_len = cfg
+        .engine
+        .max_model_len
+        .map_or(model_len, |l| l.min(model_len));
     let parts = EngineParts {
         runner: Box::new(LlamaRunner::new(loaded.model, kv)),
         tokenizer: Arc::clone(&tokenizer),
