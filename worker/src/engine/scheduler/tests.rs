@@ -42,24 +42,44 @@ fn budget_is_respected_and_long_prompts_are_chunked() {
     s.add(Sequence::new(2, prompt(2, 3)));
     let out = step(&mut s);
     assert_eq!(out.batch.num_tokens(), 10);
-    assert_eq!(out.scheduled.len(), 1, "the long prompt takes the whole budget");
-    assert!(!out.batch.seqs[0].needs_logits, "a mid-prompt chunk gets no logits");
+    assert_eq!(
+        out.scheduled.len(),
+        1,
+        "the long prompt takes the whole budget"
+    );
+    assert!(
+        !out.batch.seqs[0].needs_logits,
+        "a mid-prompt chunk gets no logits"
+    );
     assert_eq!(out.batch.positions, (0..10).collect::<Vec<u32>>());
 
     let out = step(&mut s);
     assert_eq!(out.batch.num_tokens(), 10);
-    assert_eq!(out.batch.positions[0], 10, "the next chunk continues the prompt");
+    assert_eq!(
+        out.batch.positions[0], 10,
+        "the next chunk continues the prompt"
+    );
 
     let out = step(&mut s);
     // 5 tokens finish seq 1's prompt, then seq 2's prompt (3 tokens) fits in the rest.
-    assert_eq!(chunk_of(&out, 1).map(|c| (c.num_new_tokens, c.needs_logits)), Some((5, true)));
-    assert_eq!(chunk_of(&out, 2).map(|c| (c.num_new_tokens, c.needs_logits)), Some((3, true)));
+    assert_eq!(
+        chunk_of(&out, 1).map(|c| (c.num_new_tokens, c.needs_logits)),
+        Some((5, true))
+    );
+    assert_eq!(
+        chunk_of(&out, 2).map(|c| (c.num_new_tokens, c.needs_logits)),
+        Some((3, true))
+    );
     assert_eq!(out.batch.seqs[1].query_start, 5);
     assert_eq!(out.batch.seqs[0].context_len, 25);
 
     let out = step(&mut s);
     assert_eq!(out.batch.num_tokens(), 2, "then one decode token each");
-    assert!(out.batch.seqs.iter().all(|q| q.needs_logits && q.query_len == 1));
+    assert!(out
+        .batch
+        .seqs
+        .iter()
+        .all(|q| q.needs_logits && q.query_len == 1));
     assert_eq!(out.batch.positions, vec![25, 3]);
 }
 
@@ -99,44 +119,70 @@ fn max_num_seqs_caps_running() {
     assert_eq!((s.num_running(), s.num_waiting()), (2, 2));
 }
 
-#[test]
-fn preemption_takes_the_newest_and_requeues_at_front() {
-    // 6 blocks of 4 tokens; three sequences of 7 prompt tokens take 2 blocks each.
+/// Three 8-token prompts fill a 6-block pool (2 blocks each) in the first step; each needs a
+/// third block for its 9th token in the second step.
+fn full_pool() -> Scheduler {
     let mut s = scheduler(6, 8, 64);
     for id in 1..=3 {
-        s.add(Sequence::new(id, prompt(id as u32, 7)));
+        s.add(Sequence::new(id, prompt(id as u32, 8)));
     }
-    step(&mut s); // all prefilled, one token each: 8 tokens in 2 blocks
+    step(&mut s);
+    s
+}
+
+#[test]
+fn preemption_takes_the_newest_and_requeues_at_front() {
+    let mut s = full_pool();
     s.add(Sequence::new(4, prompt(4, 3)));
-    let out = step(&mut s); // each needs a 3rd block for token 9: the pool is exhausted
-    assert_eq!(out.preempted, vec![3, 2], "newest running first");
-    assert_eq!(s.num_preemptions(), 2);
-    assert_eq!(out.scheduled.len(), 1, "no waiting admitted in a step that preempted");
-    assert_eq!(out.scheduled[0].id, 1);
-    // Requeued at the front, oldest victim first, ahead of the never-run sequence 4.
+    let out = step(&mut s);
+    assert_eq!(out.preempted, vec![3], "newest running first");
+    assert_eq!(s.num_preemptions(), 1);
+    let ids: Vec<SeqId> = out.scheduled.iter().map(|q| q.id).collect();
+    assert_eq!(
+        ids,
+        vec![1, 2],
+        "no waiting sequence admitted in a step that preempted"
+    );
+    // Requeued at the front, ahead of the never-run sequence 4.
     let order: Vec<SeqId> = s.waiting.iter().map(|q| q.id).collect();
-    assert_eq!(order, vec![2, 3, 4]);
-    let victim = s.get(2).expect("still known");
-    assert_eq!(victim.tokens.len(), 8, "generated tokens are kept");
+    assert_eq!(order, vec![3, 4]);
+    let victim = s.get(3).expect("still known");
+    assert_eq!(victim.tokens.len(), 9, "generated tokens are kept");
     assert_eq!(victim.num_computed, 0);
+    assert_eq!(s.kv_blocks_used(), 6);
 }
 
 #[test]
 fn preempted_sequence_is_recomputed_as_prefill() {
-    let mut s = scheduler(6, 8, 64);
-    for id in 1..=3 {
-        s.add(Sequence::new(id, prompt(id as u32, 7)));
-    }
-    step(&mut s);
-    step(&mut s); // preempts 3 and 2
+    let mut s = full_pool();
+    step(&mut s); // preempts 3
     s.remove(1);
     let out = step(&mut s);
-    let c = chunk_of(&out, 2).expect("victim comes back first");
-    // Its first full block is still in the prefix cache; the other 4 of its 8 tokens (7 prompt
-    // + 1 generated) are recomputed as one prefill chunk that ends with logits.
-    assert_eq!((c.num_new_tokens, c.needs_logits), (4, true));
-    assert_eq!(out.batch.positions[..4], [4, 5, 6, 7]);
-    assert_eq!(out.batch.seqs[0].context_len, 8);
+    let i = out
+        .scheduled
+        .iter()
+        .position(|q| q.id == 3)
+        .expect("victim is readmitted");
+    // Prompt + generated token come back as one 9-token prefill that ends with logits.
+    assert_eq!(
+        (
+            out.scheduled[i].num_new_tokens,
+            out.scheduled[i].needs_logits
+        ),
+        (9, true)
+    );
+    let slice = &out.batch.seqs[i];
+    assert_eq!(slice.context_len, 9);
+    let start = slice.query_start as usize;
+    assert_eq!(
+        out.batch.positions[start..start + 9],
+        (0..9).collect::<Vec<u32>>()[..]
+    );
+    assert_eq!(
+        out.batch.token_ids[start + 8],
+        7,
+        "the generated token is recomputed too"
+    );
 }
 
 #[test]
