@@ -1,21 +1,21 @@
 //! `orchard-worker`: runs the engine from the command line.
 //!
 //! `orchard-worker generate --prompt "..."` loads a model (the default one when `--model` is not
-//! given), renders the prompt with the model's chat template and streams a greedy completion,
-//! then prints prompt and decode speed.
+//! given), renders the prompt with the model's chat template and streams a completion through
+//! the engine (the same scheduler, sampler and detokenizer the server uses), then prints the
+//! engine's own timings for the request.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::{Parser, Subcommand};
-use orchard_worker::engine::batch::{SeqSlice, StepBatch};
-use orchard_worker::model::gguf::{self, default_model_path};
-use orchard_worker::model::{KvStore, KvStoreConfig};
-use orchard_worker::text::chat_template::{ChatTemplate, Message};
-use orchard_worker::text::gguf_tokenizer;
+use orchard_common::config::{self, WorkerConfig};
+use orchard_common::SamplingParams;
+use orchard_worker::engine::api::{EngineEvent, EngineRequest, Finished};
+use orchard_worker::engine::{load_model, EngineHandle};
+use orchard_worker::text::chat_template::Message;
 
 #[derive(Parser)]
 #[command(name = "orchard-worker", version, about)]
@@ -32,19 +32,23 @@ enum Command {
 
 #[derive(Parser)]
 struct GenerateArgs {
-    /// A `.gguf` model file; default: the default model in the Orchard cache.
+    /// Worker config file (TOML); the engine and model sections apply.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A `.gguf` model file; default: the config's model, else the default model.
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
+    max_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     /// Send the prompt as is, without the chat template.
     #[arg(long)]
     raw: bool,
 }
-
-const BLOCK: usize = 16;
 
 fn main() -> Result<()> {
     match Cli::parse().command {
@@ -52,116 +56,69 @@ fn main() -> Result<()> {
     }
 }
 
+/// Streams one completion through a local engine and prints its timings.
 fn generate(args: GenerateArgs) -> Result<()> {
-    let path = args.model.unwrap_or_else(default_model_path);
-    anyhow::ensure!(
-        path.exists(),
-        "model {} not found (run deploy/fetch-model.sh)",
-        path.display()
-    );
-    let loaded = gguf::load(&path, &Device::Cpu)?;
-    let tokenizer = gguf_tokenizer::from_gguf(&loaded.content)?;
-    let special = gguf_tokenizer::special_tokens(&loaded.content);
-    let text = match (args.raw, gguf_tokenizer::chat_template(&loaded.content)) {
-        (false, Some(src)) => {
-            ChatTemplate::new(src, String::new(), String::new())?.render(&[Message {
-                role: "user".into(),
-                content: args.prompt.clone(),
-            }])?
-        }
-        _ => args.prompt.clone(),
+    let mut cfg: WorkerConfig = config::load(args.config.as_deref())?;
+    if let Some(model) = &args.model {
+        cfg.model.path = model.clone();
+    }
+    let (parts, frontend) = load_model(&cfg).context("loading the model")?;
+    let engine = EngineHandle::spawn(parts)?;
+    let prompt = match args.raw {
+        true => frontend.encode_prompt(&args.prompt)?,
+        false => frontend.encode_chat(&[Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])?,
     };
-    let prompt = tokenizer
-        .encode(text, false)
-        .map_err(anyhow::Error::msg)?
-        .get_ids()
-        .to_vec();
-    let model = &loaded.model;
-    let cfg = model.config();
-    let capacity = prompt.len() + args.max_tokens;
-    let blocks = capacity.div_ceil(BLOCK);
-    let mut kv = KvStore::new(KvStoreConfig {
-        num_layers: cfg.num_layers,
-        num_blocks: blocks,
-        block_size: BLOCK,
-        kv_dim: cfg.kv_dim(),
-    });
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut tokens = prompt.clone();
-    let (mut feed, mut done) = (prompt.clone(), 0usize);
-    let start = Instant::now();
-    let mut first_token = None;
-    let mut printed = 0usize;
-    for _ in 0..args.max_tokens {
-        let batch = single_sequence_step(&feed, done, &table);
-        done += feed.len();
-        let row = model
-            .forward(&batch, &mut kv)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        let next = argmax(&row).context("empty logits")?;
-        first_token.get_or_insert_with(Instant::now);
-        if Some(next) == special.eos {
-            break;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine.submit(EngineRequest {
+        id: "cli".into(),
+        prompt_token_ids: prompt,
+        params: SamplingParams {
+            temperature: args.temperature,
+            max_tokens: args.max_tokens,
+            ..SamplingParams::default()
+        },
+        arrival: Instant::now(),
+        events: tx,
+    })?;
+    let mut stdout = std::io::stdout();
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            EngineEvent::Tokens(chunk) => {
+                write!(stdout, "{}", chunk.text)?;
+                stdout.flush()?;
+            }
+            EngineEvent::Finished(done) => {
+                report(&done);
+                return Ok(());
+            }
+            EngineEvent::Failed(err) => anyhow::bail!("generation failed: {err}"),
         }
-        tokens.push(next);
-        let so_far = tokenizer
-            .decode(&tokens[prompt.len()..], true)
-            .map_err(anyhow::Error::msg)?;
-        if !so_far.ends_with('\u{fffd}') {
-            print!("{}", &so_far[printed.min(so_far.len())..]);
-            std::io::stdout().flush()?;
-            printed = so_far.len();
-        }
-        feed = vec![next];
     }
-    report(
-        start,
-        first_token,
-        prompt.len(),
-        tokens.len() - prompt.len(),
-    );
-    Ok(())
+    anyhow::bail!("the engine stopped before the request finished")
 }
 
-fn single_sequence_step(feed: &[u32], done: usize, table: &[u32]) -> StepBatch {
-    let positions: Vec<u32> = (done..done + feed.len()).map(|p| p as u32).collect();
-    let slot_mapping = positions
-        .iter()
-        .map(|&p| table[p as usize / BLOCK] * BLOCK as u32 + p % BLOCK as u32)
-        .collect();
-    StepBatch {
-        token_ids: feed.to_vec(),
-        positions,
-        slot_mapping,
-        seqs: vec![SeqSlice {
-            query_start: 0,
-            query_len: feed.len() as u32,
-            context_len: (done + feed.len()) as u32,
-            block_table: table.to_vec(),
-            needs_logits: true,
-        }],
-    }
-}
-
-fn argmax(row: &[f32]) -> Option<u32> {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-        .map(|(i, _)| i as u32)
-}
-
-fn report(start: Instant, first: Option<Instant>, prompt: usize, generated: usize) {
-    let now = Instant::now();
-    let ttft = first.map(|f| f - start).unwrap_or_default();
-    let decode = now - first.unwrap_or(now);
-    let decode_tps = match generated > 1 {
-        true => (generated - 1) as f64 / decode.as_secs_f64().max(1e-9),
-        false => 0.0,
+fn report(done: &Finished) {
+    let t = &done.timings;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    let u = &done.usage;
+    let decode_tps = match t.mean_tpot.is_zero() {
+        true => 0.0,
+        false => 1.0 / t.mean_tpot.as_secs_f64(),
     };
     eprintln!(
-        "\n[prompt {prompt} tokens, prefill {:.0} tok/s, TTFT {:.1} ms; {generated} tokens, decode {decode_tps:.1} tok/s]",
-        prompt as f64 / ttft.as_secs_f64().max(1e-9),
-        ttft.as_secs_f64() * 1e3
+        "\n[{}; prompt {} tokens ({} cached), {} generated; queue {:.1} ms, prefill {:.1} ms, \
+         TTFT {:.1} ms, TPOT {:.1} ms ({decode_tps:.1} tok/s), e2e {:.1} ms]",
+        done.reason.as_str(),
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.completion_tokens,
+        ms(t.queue),
+        ms(t.prefill),
+        ms(t.ttft),
+        ms(t.mean_tpot),
+        ms(t.e2e),
     );
 }

@@ -6,6 +6,7 @@
 
 pub mod chat_template;
 pub mod detokenizer;
+pub mod frontend;
 pub mod gguf_tokenizer;
 pub mod stop;
 
