@@ -390,8 +390,7 @@ mod avx2 {
         for b in 0..nb {
             let wv = nibbles(wqp.add(b * 16));
             let (wd, wm) = (w.d[b], w.m[b]);
-            for j in 0..4 {
-                let x = &xs[j];
+            for (j, x) in xs.iter().enumerate() {
                 let f = block_dot(wv, x.q.as_ptr().add(b * QK));
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * x.d[b]), f, acc[j]);
                 macc[j] += wm * x.s[b];
