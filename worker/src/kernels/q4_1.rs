@@ -14,7 +14,8 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
-use rayon::prelude::*;
+
+use super::{par_rows, Isa, RowsJob};
 
 /// Number of weights in one Q4_1 / Q8_1 block.
 const QK: usize = 32;
@@ -37,14 +38,60 @@ pub struct Q4_1Matrix {
     qs: Vec<u8>,
 }
 
-/// One activation matrix quantized to Q8_1, shared by all weight rows of a call.
-struct Q8Act {
+/// An activation matrix `[t, k]` quantized to Q8_1 once and shared by every Q4_1 weight
+/// matrix that reads it (q, k and v; gate and up), so the quantization is not repeated per
+/// projection.
+#[derive(Debug, Clone)]
+pub struct Q8_1Activations {
+    t: usize,
+    k: usize,
     /// `[t * nb]` per-block scale.
     d: Vec<f32>,
     /// `[t * nb]` per-block `d * sum(q)`.
     s: Vec<f32>,
     /// `[t * k]` int8 values.
     q: Vec<i8>,
+}
+
+impl Q8_1Activations {
+    /// Quantizes `t` rows of `k` activations (`k` a multiple of 32), exactly like candle's
+    /// `BlockQ8_1::from_float`, so results line up with candle's `QMatMul`.
+    pub fn quantize(x: &[f32], t: usize, k: usize) -> Self {
+        assert_eq!(x.len(), t * k, "Q8_1Activations::quantize: x length");
+        assert!(k.is_multiple_of(QK), "Q8_1Activations::quantize: k % 32");
+        let nb = k / QK;
+        let mut act = Self {
+            t,
+            k,
+            d: vec![0f32; t * nb],
+            s: vec![0f32; t * nb],
+            q: vec![0i8; t * k],
+        };
+        for (((xb, qb), d), s) in x
+            .chunks_exact(QK)
+            .zip(act.q.chunks_exact_mut(QK))
+            .zip(act.d.iter_mut())
+            .zip(act.s.iter_mut())
+        {
+            let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let dx = amax / 127.0;
+            let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+                sum += *q as i32;
+            }
+            let dh = f16::from_f32(dx);
+            *d = dh.to_f32();
+            *s = (f16::from_f32(sum as f32) * dh).to_f32();
+        }
+        act
+    }
+
+    /// Number of rows (tokens).
+    pub fn rows(&self) -> usize {
+        self.t
+    }
 }
 
 impl Q4_1Matrix {
@@ -130,145 +177,157 @@ impl Q4_1Matrix {
         Tensor::from_vec(out, shape, &Device::Cpu)?.to_device(x.device())
     }
 
+    /// Computes `out = act @ W^T` for activations already quantized (`out: [t, n_out]`).
+    ///
+    /// Panics if the shapes disagree: a caller bug, never bad input data.
+    pub fn matmul_q8(&self, act: &Q8_1Activations, out: &mut [f32]) {
+        self.matmul_q8_with(act, out, Kernel::detect());
+    }
+
+    /// Stacks matrices with the same `k` row-wise into one `[sum n_out, k]` matrix, so
+    /// projections that read the same input (q/k/v, gate/up) run as one parallel call.
+    pub fn stack(parts: &[&Q4_1Matrix]) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            candle_core::bail!("Q4_1Matrix::stack: no matrices");
+        };
+        let k = first.k;
+        if parts.iter().any(|p| p.k != k) {
+            candle_core::bail!("Q4_1Matrix::stack: matrices differ in k");
+        }
+        let mut out = Self {
+            n_out: 0,
+            k,
+            d: Vec::new(),
+            m: Vec::new(),
+            qs: Vec::new(),
+        };
+        for p in parts {
+            out.n_out += p.n_out;
+            out.d.extend_from_slice(&p.d);
+            out.m.extend_from_slice(&p.m);
+            out.qs.extend_from_slice(&p.qs);
+        }
+        Ok(out)
+    }
+
     fn matmul_with(&self, x: &[f32], t: usize, out: &mut [f32], kernel: Kernel) {
         assert_eq!(x.len(), t * self.k, "Q4_1Matrix::matmul: x length");
-        assert_eq!(out.len(), t * self.n_out, "Q4_1Matrix::matmul: out length");
-        if t == 0 || self.n_out == 0 {
-            return;
-        }
-        let act = quantize_q8_1(x, t, self.k);
-        let chunk = self.row_chunk(t);
-        if t == 1 {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(ci, o)| self.rows_block(&act, 1, ci * chunk, o, kernel));
-        } else {
-            // Compute into a [n_out, t] buffer so each rayon task owns contiguous rows and loops
-            // all tokens over a weight chunk that stays in cache, then transpose.
-            let mut tmp = vec![0f32; t * self.n_out];
-            tmp.par_chunks_mut(chunk * t)
-                .enumerate()
-                .for_each(|(ci, o)| self.rows_block(&act, t, ci * chunk, o, kernel));
-            for (r, row) in tmp.chunks_exact(t).enumerate() {
-                for (ti, &v) in row.iter().enumerate() {
-                    out[ti * self.n_out + r] = v;
-                }
-            }
-        }
+        let act = Q8_1Activations::quantize(x, t, self.k);
+        self.matmul_q8_with(&act, out, kernel);
     }
 
-    /// Rows per rayon task: enough tasks to balance across threads, enough rows to amortize
-    /// the task overhead.
-    fn row_chunk(&self, t: usize) -> usize {
-        let threads = rayon::current_num_threads().max(1);
-        let target = self.n_out.div_ceil(threads * 4);
-        // Keep at least ~16 KiB of weights (or work) per task.
-        let min_rows = (16384 / (self.k / 2 + 1) / t.max(1)).clamp(4, 256);
-        target.max(min_rows).min(self.n_out).max(1)
-    }
-
-    /// Computes rows `row0..row0 + out.len()/t` for all tokens into `out` laid out `[rows, t]`.
-    fn rows_block(&self, act: &Q8Act, t: usize, row0: usize, out: &mut [f32], kernel: Kernel) {
+    fn matmul_q8_with(&self, act: &Q8_1Activations, out: &mut [f32], kernel: Kernel) {
+        assert_eq!(act.k, self.k, "Q4_1Matrix::matmul: activation k");
         let nb = self.k / QK;
-        for (i, o) in out.chunks_exact_mut(t).enumerate() {
-            let r = row0 + i;
-            let wd = &self.d[r * nb..(r + 1) * nb];
-            let wm = &self.m[r * nb..(r + 1) * nb];
-            let wq = &self.qs[r * nb * 16..(r + 1) * nb * 16];
-            for (ti, v) in o.iter_mut().enumerate() {
-                let xd = &act.d[ti * nb..(ti + 1) * nb];
-                let xs = &act.s[ti * nb..(ti + 1) * nb];
-                let xq = &act.q[ti * self.k..(ti + 1) * self.k];
-                *v = kernel.dot(wd, wm, wq, xd, xs, xq);
+        let job = RowsJob {
+            n_out: self.n_out,
+            t: act.t,
+            row_bytes: nb * BLOCK_BYTES,
+        };
+        par_rows(job, out, |r, tokens, o| {
+            let w = WRow {
+                d: &self.d[r * nb..(r + 1) * nb],
+                m: &self.m[r * nb..(r + 1) * nb],
+                q: &self.qs[r * nb * 16..(r + 1) * nb * 16],
+            };
+            let x = |ti: usize| XRow {
+                d: &act.d[ti * nb..(ti + 1) * nb],
+                s: &act.s[ti * nb..(ti + 1) * nb],
+                q: &act.q[ti * self.k..(ti + 1) * self.k],
+            };
+            let mut ti = tokens.start;
+            for o4 in o.chunks_exact_mut(4) {
+                o4.copy_from_slice(&kernel.dot4_q4_1(w, [x(ti), x(ti + 1), x(ti + 2), x(ti + 3)]));
+                ti += 4;
             }
-        }
+            for v in o.chunks_exact_mut(4).into_remainder() {
+                *v = kernel.dot_q4_1(w, x(ti));
+                ti += 1;
+            }
+        });
     }
 }
 
-/// Which inner-product implementation to use; chosen once per call by CPU feature detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    Scalar,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
+/// One weight row: per-block scales and mins, and its nibbles.
+#[derive(Clone, Copy)]
+struct WRow<'a> {
+    d: &'a [f32],
+    m: &'a [f32],
+    q: &'a [u8],
 }
 
-impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Kernel::Avx2;
-        }
-        Kernel::Scalar
-    }
+/// One quantized activation row: per-block scales, `d * sum(q)`, and its int8 values.
+#[derive(Clone, Copy)]
+struct XRow<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    q: &'a [i8],
+}
 
+impl XRow<'_> {
+    /// Whether this row's lengths fit weight row `w` (what the SIMD code relies on).
+    fn fits(&self, w: &WRow<'_>) -> bool {
+        let nb = w.d.len();
+        w.m.len() == nb
+            && w.q.len() == nb * 16
+            && self.d.len() == nb
+            && self.s.len() == nb
+            && self.q.len() == nb * QK
+    }
+}
+
+/// The instruction set this kernel runs with.
+type Kernel = Isa;
+
+impl Isa {
     #[inline]
-    fn dot(self, wd: &[f32], wm: &[f32], wq: &[u8], xd: &[f32], xs: &[f32], xq: &[i8]) -> f32 {
-        debug_assert_eq!(wd.len(), wm.len());
-        debug_assert_eq!(wq.len(), wd.len() * 16);
-        debug_assert_eq!(xd.len(), wd.len());
-        debug_assert_eq!(xs.len(), wd.len());
-        debug_assert_eq!(xq.len(), wd.len() * QK);
+    fn dot_q4_1(self, w: WRow<'_>, x: XRow<'_>) -> f32 {
+        assert!(x.fits(&w), "Q4_1 dot: mismatched row lengths");
         match self {
-            Kernel::Scalar => dot_scalar(wd, wm, wq, xd, xs, xq),
+            Kernel::Scalar => dot_scalar(w, x),
             // SAFETY: `Avx2` is only constructed after runtime detection of avx2 and fma, and
-            // all slices have the lengths checked above (guaranteed by `rows_block`).
+            // the row lengths were checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot(wd, wm, wq, xd, xs, xq) },
+            Kernel::Avx2 => unsafe { avx2::dot(w, x) },
         }
     }
-}
 
-/// Quantizes `t` rows of `k` activations to Q8_1, exactly like candle's
-/// `BlockQ8_1::from_float`, so our results line up with candle's `QMatMul`.
-fn quantize_q8_1(x: &[f32], t: usize, k: usize) -> Q8Act {
-    let nb = k / QK;
-    let mut act = Q8Act {
-        d: vec![0f32; t * nb],
-        s: vec![0f32; t * nb],
-        q: vec![0i8; t * k],
-    };
-    for (((xb, qb), d), s) in x
-        .chunks_exact(QK)
-        .zip(act.q.chunks_exact_mut(QK))
-        .zip(act.d.iter_mut())
-        .zip(act.s.iter_mut())
-    {
-        let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
-        let dx = amax / 127.0;
-        let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
+    /// One weight row against four activation rows: the nibbles are unpacked once.
+    #[inline]
+    fn dot4_q4_1(self, w: WRow<'_>, xs: [XRow<'_>; 4]) -> [f32; 4] {
+        assert!(
+            xs.iter().all(|x| x.fits(&w)),
+            "Q4_1 dot4: mismatched row lengths"
+        );
+        match self {
+            Kernel::Scalar => xs.map(|x| dot_scalar(w, x)),
+            // SAFETY: as in `dot_q4_1`; every row's lengths were checked above.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::dot4(w, xs) },
         }
-        let dh = f16::from_f32(dx);
-        *d = dh.to_f32();
-        *s = (f16::from_f32(sum as f32) * dh).to_f32();
     }
-    act
 }
 
 /// Portable Q4_1 · Q8_1 row dot product.
-fn dot_scalar(wd: &[f32], wm: &[f32], wq: &[u8], xd: &[f32], xs: &[f32], xq: &[i8]) -> f32 {
+fn dot_scalar(w: WRow<'_>, x: XRow<'_>) -> f32 {
     let mut acc = 0f32;
-    for b in 0..wd.len() {
-        let q4 = &wq[b * 16..(b + 1) * 16];
-        let q8 = &xq[b * QK..(b + 1) * QK];
+    for b in 0..w.d.len() {
+        let q4 = &w.q[b * 16..(b + 1) * 16];
+        let q8 = &x.q[b * QK..(b + 1) * QK];
         let mut sumi = 0i32;
         for j in 0..16 {
             let lo = (q4[j] & 0x0F) as i32;
             let hi = (q4[j] >> 4) as i32;
             sumi += lo * q8[j] as i32 + hi * q8[j + 16] as i32;
         }
-        acc += sumi as f32 * wd[b] * xd[b] + wm[b] * xs[b];
+        acc += sumi as f32 * w.d[b] * x.d[b] + w.m[b] * x.s[b];
     }
     acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::QK;
+    use super::{WRow, XRow, QK};
     use std::arch::x86_64::*;
 
     /// Expands 16 bytes of nibbles into 32 unsigned bytes in ggml order (low nibbles first).
@@ -277,18 +336,16 @@ mod avx2 {
     #[inline(always)]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let v = _mm_loadu_si128(p as *const __m128i);
-        let lo = v;
         let hi = _mm_srli_epi16(v, 4);
-        let both = _mm256_set_m128i(hi, lo);
+        let both = _mm256_set_m128i(hi, v);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
     }
 
-    /// Integer dot of one block (32 u4 × 32 i8) as 8 i32 lanes converted to f32.
+    /// Integer dot of one block (32 unpacked u4 × 32 i8) as 8 f32 lanes.
     ///
-    /// SAFETY: caller ensures avx2 and valid pointers (16 bytes at `w`, 32 at `x`).
+    /// SAFETY: caller ensures avx2 and 32 readable bytes at `x`.
     #[inline(always)]
-    unsafe fn block_dot(w: *const u8, x: *const i8) -> __m256 {
-        let wv = nibbles(w);
+    unsafe fn block_dot(wv: __m256i, x: *const i8) -> __m256 {
         let xv = _mm256_loadu_si256(x as *const __m256i);
         // u8 (0..15) × i8 pairs summed into i16: at most 2*15*128 < 32767, no saturation.
         let p16 = _mm256_maddubs_epi16(wv, xv);
@@ -296,44 +353,55 @@ mod avx2 {
         _mm256_cvtepi32_ps(p32)
     }
 
-    /// AVX2 + FMA Q4_1 · Q8_1 row dot product.
-    ///
-    /// SAFETY: caller must ensure avx2 and fma are available, `wm`, `xd`, `xs` have
-    /// `wd.len()` elements, `wq` has `16 * wd.len()` and `xq` has `32 * wd.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(
-        wd: &[f32],
-        wm: &[f32],
-        wq: &[u8],
-        xd: &[f32],
-        xs: &[f32],
-        xq: &[i8],
-    ) -> f32 {
-        let nb = wd.len();
-        let wqp = wq.as_ptr();
-        let xqp = xq.as_ptr();
-        let mut acc0 = _mm256_setzero_ps();
-        let mut acc1 = _mm256_setzero_ps();
-        let mut macc = 0f32;
-        let mut b = 0;
-        while b + 2 <= nb {
-            let f0 = block_dot(wqp.add(b * 16), xqp.add(b * QK));
-            let f1 = block_dot(wqp.add((b + 1) * 16), xqp.add((b + 1) * QK));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * xd[b]), f0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(wd[b + 1] * xd[b + 1]), f1, acc1);
-            macc += wm[b] * xs[b] + wm[b + 1] * xs[b + 1];
-            b += 2;
-        }
-        if b < nb {
-            let f0 = block_dot(wqp.add(b * 16), xqp.add(b * QK));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * xd[b]), f0, acc0);
-            macc += wm[b] * xs[b];
-        }
-        let acc = _mm256_add_ps(acc0, acc1);
+    #[inline(always)]
+    unsafe fn hsum(acc: __m256) -> f32 {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1) + macc
+        _mm_cvtss_f32(s1)
+    }
+
+    /// AVX2 + FMA Q4_1 · Q8_1 row dot product. Same operation order as [`dot4`], so a token's
+    /// result does not depend on how many tokens share its step (batch invariance).
+    ///
+    /// SAFETY: caller must ensure avx2 and fma are available and `x.fits(&w)`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot(w: WRow<'_>, x: XRow<'_>) -> f32 {
+        let (wqp, xqp) = (w.q.as_ptr(), x.q.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut macc = 0f32;
+        for b in 0..w.d.len() {
+            let f = block_dot(nibbles(wqp.add(b * 16)), xqp.add(b * QK));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d[b] * x.d[b]), f, acc);
+            macc += w.m[b] * x.s[b];
+        }
+        hsum(acc) + macc
+    }
+
+    /// One weight row against four activation rows.
+    ///
+    /// SAFETY: caller must ensure avx2 and fma are available and every `x.fits(&w)`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot4(w: WRow<'_>, xs: [XRow<'_>; 4]) -> [f32; 4] {
+        let nb = w.d.len();
+        let wqp = w.q.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut macc = [0f32; 4];
+        for b in 0..nb {
+            let wv = nibbles(wqp.add(b * 16));
+            let (wd, wm) = (w.d[b], w.m[b]);
+            for (j, x) in xs.iter().enumerate() {
+                let f = block_dot(wv, x.q.as_ptr().add(b * QK));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * x.d[b]), f, acc[j]);
+                macc[j] += wm * x.s[b];
+            }
+        }
+        [
+            hsum(acc[0]) + macc[0],
+            hsum(acc[1]) + macc[1],
+            hsum(acc[2]) + macc[2],
+            hsum(acc[3]) + macc[3],
+        ]
     }
 }
 

@@ -105,3 +105,79 @@ pub fn metadata_string(ct: &gguf_file::Content, key: &str) -> Result<String, Mod
         None => Err(ModelError::MissingMetadata(key.to_string())),
     }
 }
+
+/// The fields of a Hugging Face `config.json` a Llama-family decoder needs.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Only `null` (no scaling) is supported.
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// A single id or a list.
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+impl LlamaConfig {
+    /// Reads a Hugging Face `config.json` of a Llama / Mistral model.
+    ///
+    /// Hugging Face checkpoints rotate half-split pairs (`rotate_half`), so `rope_neox` is set;
+    /// GGUF converters permute the q/k rows instead and use interleaved pairs.
+    pub fn from_hf(hf: &HfConfig) -> Result<Self, ModelError> {
+        let arch = hf.model_type.as_deref().unwrap_or("llama");
+        if !matches!(arch, "llama" | "mistral") {
+            return Err(ModelError::Unsupported(format!("model_type {arch}")));
+        }
+        if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) || hf.attention_bias {
+            return Err(ModelError::Unsupported(
+                "rope_scaling / attention_bias are not supported".into(),
+            ));
+        }
+        let num_heads = hf.num_attention_heads;
+        let cfg = Self {
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_layers: hf.num_hidden_layers,
+            num_heads,
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / num_heads.max(1)),
+            vocab_size: hf.vocab_size,
+            rope_theta: hf.rope_theta,
+            rms_norm_eps: hf.rms_norm_eps,
+            max_position_embeddings: hf.max_position_embeddings,
+            rope_neox: true,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+}

@@ -65,6 +65,20 @@ impl KvStore {
         )
     }
 
+    /// The K row of one slot (`kv_dim` floats).
+    #[inline]
+    pub fn key(&self, layer: usize, slot: usize) -> &[f32] {
+        let d = self.cfg.kv_dim;
+        &self.keys[layer][slot * d..(slot + 1) * d]
+    }
+
+    /// The V row of one slot (`kv_dim` floats).
+    #[inline]
+    pub fn value(&self, layer: usize, slot: usize) -> &[f32] {
+        let d = self.cfg.kv_dim;
+        &self.values[layer][slot * d..(slot + 1) * d]
+    }
+
     /// Slot index of the `pos`-th token of a sequence with this block table.
     pub fn slot_of(&self, block_table: &[u32], pos: usize) -> Option<usize> {
         let bs = self.cfg.block_size;

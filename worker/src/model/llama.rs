@@ -4,21 +4,29 @@
 //! matrix is streamed once per step for all sequences; rotary embeddings use per-token
 //! positions, K/V go to the paged store through the slot mapping, and only the last row of
 //! each sequence that needs logits goes through the LM head.
+//!
+//! Two execution paths share the weights: on the CPU the layers run on plain `f32` slices with
+//! Orchard's kernels (quantized matmuls, paged attention, fused SwiGLU); on any other candle
+//! device they run as candle ops with the generic attention path.
 
-use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
 
-use super::attention::{paged_attention, HeadLayout};
+use super::attention::{attention_candle, paged_attention, HeadLayout};
 use super::kv_store::KvStore;
+use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
+use crate::kernels::vec;
 
-/// Rotary embedding tables, `[max_pos, head_dim / 2]`.
+/// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
+/// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
 #[derive(Debug)]
 struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,
     half: usize,
+    max_pos: usize,
     neox: bool,
 }
 
@@ -42,6 +50,7 @@ impl Rope {
             cos,
             sin,
             half,
+            max_pos: cfg.max_position_embeddings,
             neox: cfg.rope_neox,
         }
     }
@@ -68,57 +77,54 @@ impl Rope {
     }
 }
 
-/// One decoder layer; weights named as in the GGUF checkpoint (`blk.N.*`).
+/// An RMSNorm weight, kept both as a device tensor and as CPU floats.
 #[derive(Debug)]
-struct Block {
-    attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+pub(crate) struct Norm {
+    weight: Tensor,
+    cpu: Vec<f32>,
 }
 
-/// Loads GGUF tensors by name.
-struct GgufReader<'a, R> {
-    ct: &'a gguf_file::Content,
-    reader: &'a mut R,
-    device: &'a Device,
-}
+impl Norm {
+    pub(crate) fn new(weight: Tensor) -> Result<Self, ModelError> {
+        let cpu = weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let weight = weight.to_dtype(candle_core::DType::F32)?;
+        Ok(Self { weight, cpu })
+    }
 
-impl<R: std::io::Read + std::io::Seek> GgufReader<'_, R> {
-    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor, ModelError> {
-        Ok(self.ct.tensor(self.reader, name, self.device)?)
+    fn forward(&self, x: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, eps)
     }
-    fn matmul(&mut self, name: &str) -> Result<QMatMul, ModelError> {
-        Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
-    }
-    fn dense(&mut self, name: &str) -> Result<Tensor, ModelError> {
-        Ok(self.qtensor(name)?.dequantize(self.device)?)
+
+    fn forward_cpu(&self, x: &[f32], eps: f32) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        vec::rms_norm(x, &self.cpu, eps, &mut out);
+        out
     }
 }
 
-impl Block {
-    fn load<R: std::io::Read + std::io::Seek>(
-        r: &mut GgufReader<'_, R>,
-        i: usize,
-    ) -> Result<Self, ModelError> {
-        let p = format!("blk.{i}");
-        Ok(Self {
-            attn_norm: r.dense(&format!("{p}.attn_norm.weight"))?,
-            wq: r.matmul(&format!("{p}.attn_q.weight"))?,
-            wk: r.matmul(&format!("{p}.attn_k.weight"))?,
-            wv: r.matmul(&format!("{p}.attn_v.weight"))?,
-            wo: r.matmul(&format!("{p}.attn_output.weight"))?,
-            ffn_norm: r.dense(&format!("{p}.ffn_norm.weight"))?,
-            gate: r.matmul(&format!("{p}.ffn_gate.weight"))?,
-            up: r.matmul(&format!("{p}.ffn_up.weight"))?,
-            down: r.matmul(&format!("{p}.ffn_down.weight"))?,
-        })
-    }
+/// One decoder layer. q/k/v are stacked into one matrix, as are gate/up.
+#[derive(Debug)]
+pub(crate) struct Block {
+    pub(crate) attn_norm: Norm,
+    pub(crate) qkv: Linear,
+    pub(crate) wo: Linear,
+    pub(crate) ffn_norm: Norm,
+    pub(crate) gate_up: Linear,
+    pub(crate) down: Linear,
+}
+
+/// Everything a loader supplies to build a [`Llama`].
+pub(crate) struct LlamaParts {
+    pub(crate) cfg: LlamaConfig,
+    /// `[vocab, hidden]` f32 token embeddings.
+    pub(crate) embed: Tensor,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Norm,
+    pub(crate) lm_head: Linear,
+    pub(crate) device: Device,
 }
 
 /// A loaded Llama-family model. Layers are immutable; the KV store is passed to `forward`.
@@ -127,10 +133,45 @@ pub struct Llama {
     cfg: LlamaConfig,
     embed: Tensor,
     blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: QMatMul,
+    norm: Norm,
+    lm_head: Linear,
     rope: Rope,
     device: Device,
+}
+
+/// Loads GGUF tensors by name onto the CPU (kernels repack them; other devices get a copy).
+struct GgufReader<'a, R> {
+    ct: &'a gguf_file::Content,
+    reader: &'a mut R,
+    device: &'a Device,
+}
+
+impl<R: std::io::Read + std::io::Seek> GgufReader<'_, R> {
+    fn qtensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor, ModelError> {
+        Ok(self.ct.tensor(self.reader, name, &Device::Cpu)?)
+    }
+    fn linear(&mut self, names: &[String]) -> Result<Linear, ModelError> {
+        let parts = names
+            .iter()
+            .map(|n| self.qtensor(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Linear::from_qtensors(parts, self.device)?)
+    }
+    fn norm(&mut self, name: &str) -> Result<Norm, ModelError> {
+        Norm::new(self.qtensor(name)?.dequantize(self.device)?)
+    }
+
+    fn block(&mut self, i: usize) -> Result<Block, ModelError> {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        Ok(Block {
+            attn_norm: self.norm(&n("attn_norm"))?,
+            qkv: self.linear(&[n("attn_q"), n("attn_k"), n("attn_v")])?,
+            wo: self.linear(&[n("attn_output")])?,
+            ffn_norm: self.norm(&n("ffn_norm"))?,
+            gate_up: self.linear(&[n("ffn_gate"), n("ffn_up")])?,
+            down: self.linear(&[n("ffn_down")])?,
+        })
+    }
 }
 
 impl Llama {
@@ -145,24 +186,37 @@ impl Llama {
         let embed_q = r.qtensor("token_embd.weight")?;
         let embed = embed_q.dequantize(device)?;
         let lm_head = match ct.tensor_infos.contains_key("output.weight") {
-            true => r.matmul("output.weight")?,
+            true => r.linear(&["output.weight".to_string()])?,
             // Tied embeddings (SmolLM): the LM head reuses the quantized embedding matrix.
-            false => QMatMul::from_qtensor(embed_q)?,
+            false => Linear::from_qtensors(vec![embed_q], device)?,
         };
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::load(&mut r, i))
+            .map(|i| r.block(i))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
-            norm: r.dense("output_norm.weight")?,
-            rope: Rope::new(&cfg),
+        Ok(Self::from_parts(LlamaParts {
+            norm: r.norm("output_norm.weight")?,
             embed,
             blocks,
             lm_head,
             device: device.clone(),
             cfg,
-        })
+        }))
     }
 
+    /// Assembles a model from loaded weights.
+    pub(crate) fn from_parts(p: LlamaParts) -> Self {
+        Self {
+            rope: Rope::new(&p.cfg),
+            cfg: p.cfg,
+            embed: p.embed,
+            blocks: p.blocks,
+            norm: p.norm,
+            lm_head: p.lm_head,
+            device: p.device,
+        }
+    }
+
+    /// Shapes and constants of the loaded model (for sizing the KV store).
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -170,55 +224,223 @@ impl Llama {
     /// Runs one step. Returns `[rows, vocab]` f32 logits, one row per sequence of the batch
     /// with `needs_logits`, in batch order.
     pub fn forward(&self, batch: &StepBatch, kv: &mut KvStore) -> Result<Tensor, ModelError> {
+        self.check_batch(batch, kv)?;
+        if batch.num_tokens() == 0 {
+            let shape = (0, self.cfg.vocab_size);
+            return Ok(Tensor::zeros(shape, candle_core::DType::F32, &self.device)?);
+        }
+        match self.device {
+            Device::Cpu => self.forward_cpu(batch, kv),
+            _ => self.forward_generic(batch, kv),
+        }
+    }
+
+    /// Rejects a batch the kernels would index out of bounds with: a scheduler bug or a bad
+    /// token id must come back as an error, not a panic on the engine thread.
+    fn check_batch(&self, b: &StepBatch, kv: &KvStore) -> Result<(), ModelError> {
+        let bad = |why: String| Err(ModelError::Unsupported(format!("step batch: {why}")));
+        let t = b.num_tokens();
+        let store = kv.config();
+        let slots = store.num_blocks * store.block_size;
+        if store.num_layers < self.cfg.num_layers || store.kv_dim != self.cfg.kv_dim() {
+            return bad(format!("KV store shape {store:?} does not fit the model"));
+        }
+        if b.positions.len() != t || b.slot_mapping.len() != t {
+            return bad("positions / slot mapping length differs from token count".into());
+        }
+        if let Some(id) = b
+            .token_ids
+            .iter()
+            .find(|&&i| i as usize >= self.cfg.vocab_size)
+        {
+            return bad(format!("token id {id} >= vocab {}", self.cfg.vocab_size));
+        }
+        if let Some(p) = b
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= self.rope.max_pos)
+        {
+            return bad(format!("position {p} >= {}", self.rope.max_pos));
+        }
+        if let Some(s) = b.slot_mapping.iter().find(|&&s| s as usize >= slots) {
+            return bad(format!("slot {s} >= {slots} slots in the KV store"));
+        }
+        for s in &b.seqs {
+            if (s.query_start + s.query_len) as usize > t {
+                return bad("sequence slice past the end of the batch".into());
+            }
+            if s.block_table
+                .iter()
+                .any(|&id| id as usize >= store.num_blocks)
+            {
+                return bad(format!("block id >= {} blocks", store.num_blocks));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows of the step whose logits are wanted: the last token of each such sequence.
+    fn logit_rows(batch: &StepBatch) -> Vec<u32> {
+        batch
+            .seqs
+            .iter()
+            .filter(|s| s.needs_logits && s.query_len > 0)
+            .map(|s| s.query_start + s.query_len - 1)
+            .collect()
+    }
+
+    fn heads(&self) -> HeadLayout {
+        HeadLayout {
+            num_heads: self.cfg.num_heads,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Splits stacked `[t, q | k | v]` rows into rotated q, rotated k, and v, and writes k and
+    /// v into the store.
+    fn qkv_to_cache(&self, qkv: &[f32], ctx: LayerCtx<'_, '_>) -> Vec<f32> {
+        let (t, h) = (ctx.batch.num_tokens(), self.cfg.hidden_size);
+        let kvd = self.cfg.kv_dim();
+        let width = h + 2 * kvd;
+        let mut q = Vec::with_capacity(t * h);
+        let mut k = Vec::with_capacity(t * kvd);
+        for row in qkv.chunks_exact(width) {
+            q.extend_from_slice(&row[..h]);
+            k.extend_from_slice(&row[h..h + kvd]);
+        }
+        let hd = self.cfg.head_dim;
+        self.rope.apply(&mut q, &ctx.batch.positions, hd);
+        self.rope.apply(&mut k, &ctx.batch.positions, hd);
+        for (i, (&slot, row)) in ctx
+            .batch
+            .slot_mapping
+            .iter()
+            .zip(qkv.chunks_exact(width))
+            .enumerate()
+        {
+            let v = &row[h + kvd..];
+            ctx.kv
+                .write(ctx.layer, slot as usize, &k[i * kvd..(i + 1) * kvd], v);
+        }
+        q
+    }
+}
+
+/// What one layer of one step works on.
+struct LayerCtx<'a, 'k> {
+    batch: &'a StepBatch,
+    kv: &'k mut KvStore,
+    layer: usize,
+}
+
+/// CPU path: plain `f32` rows and Orchard's kernels.
+impl Llama {
+    fn forward_cpu(&self, batch: &StepBatch, kv: &mut KvStore) -> Result<Tensor, ModelError> {
+        let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let ctx = LayerCtx {
+                batch,
+                kv: &mut *kv,
+                layer,
+            };
+            self.block_cpu(block, ctx, &mut x)?;
+        }
+        let (hsz, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps as f32);
+        let rows = Self::logit_rows(batch);
+        let mut last = Vec::with_capacity(rows.len() * hsz);
+        for &r in &rows {
+            last.extend_from_slice(&x[r as usize * hsz..(r as usize + 1) * hsz]);
+        }
+        let h = self.norm.forward_cpu(&last, eps);
+        let logits = self.lm_head.forward_cpu(&h, rows.len())?;
+        Ok(Tensor::from_vec(
+            logits,
+            (rows.len(), self.cfg.vocab_size),
+            &self.device,
+        )?)
+    }
+
+    fn block_cpu(&self, b: &Block, ctx: LayerCtx<'_, '_>, x: &mut [f32]) -> Result<(), ModelError> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let t = ctx.batch.num_tokens();
+        let (batch, layer) = (ctx.batch, ctx.layer);
+        let h = b.attn_norm.forward_cpu(x, eps);
+        let qkv = b.qkv.forward_cpu(&h, t)?;
+        let q = self.qkv_to_cache(
+            &qkv,
+            LayerCtx {
+                batch,
+                kv: &mut *ctx.kv,
+                layer,
+            },
+        );
+        let attn = paged_attention(&q, batch, &*ctx.kv, layer, self.heads());
+        let o = b.wo.forward_cpu(&attn, t)?;
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        let h = b.ffn_norm.forward_cpu(x, eps);
+        let gu = b.gate_up.forward_cpu(&h, t)?;
+        let ff = self.cfg.intermediate_size;
+        let mut act = vec![0f32; t * ff];
+        for (row, out) in gu.chunks_exact(2 * ff).zip(act.chunks_exact_mut(ff)) {
+            vec::swiglu(&row[..ff], &row[ff..], out);
+        }
+        let d = b.down.forward_cpu(&act, t)?;
+        x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        Ok(())
+    }
+}
+
+/// Generic path: candle ops on the model's device; K/V still live in the (CPU) paged store.
+impl Llama {
+    fn forward_generic(&self, batch: &StepBatch, kv: &mut KvStore) -> Result<Tensor, ModelError> {
         let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, layer, &x, batch, kv)?;
+            let ctx = LayerCtx {
+                batch,
+                kv: &mut *kv,
+                layer,
+            };
+            x = self.block_generic(block, ctx, &x)?;
         }
-        let rows: Vec<u32> = batch
-            .seqs
-            .iter()
-            .filter(|s| s.needs_logits)
-            .map(|s| s.query_start + s.query_len - 1)
-            .collect();
-        let rows = Tensor::new(rows.as_slice(), &self.device)?;
+        let rows = Tensor::new(Self::logit_rows(batch).as_slice(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let x = self.norm.forward(&x, self.cfg.rms_norm_eps as f32)?;
         Ok(self.lm_head.forward(&x)?)
     }
 
-    fn block_forward(
+    fn block_generic(
         &self,
         b: &Block,
-        layer: usize,
+        ctx: LayerCtx<'_, '_>,
         x: &Tensor,
-        batch: &StepBatch,
-        kv: &mut KvStore,
     ) -> Result<Tensor, ModelError> {
         let eps = self.cfg.rms_norm_eps as f32;
-        let t = batch.num_tokens();
-        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
-        let mut q = b.wq.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = b.wk.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = b.wv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-        let hd = self.cfg.head_dim;
-        self.rope.apply(&mut q, &batch.positions, hd);
-        self.rope.apply(&mut k, &batch.positions, hd);
-        let kvd = self.cfg.kv_dim();
-        for (i, &slot) in batch.slot_mapping.iter().enumerate() {
-            let span = i * kvd..(i + 1) * kvd;
-            kv.write(layer, slot as usize, &k[span.clone()], &v[span]);
-        }
-        let heads = HeadLayout {
-            num_heads: self.cfg.num_heads,
-            num_kv_heads: self.cfg.num_kv_heads,
-            head_dim: hd,
-        };
-        let attn = paged_attention(&q, batch, kv, layer, heads);
-        let attn = Tensor::from_vec(attn, (t, self.cfg.hidden_size), &self.device)?;
+        let (batch, layer) = (ctx.batch, ctx.layer);
+        let (t, hsz) = (batch.num_tokens(), self.cfg.hidden_size);
+        let h = b.attn_norm.forward(x, eps)?;
+        let qkv = b.qkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = self.qkv_to_cache(
+            &qkv,
+            LayerCtx {
+                batch,
+                kv: &mut *ctx.kv,
+                layer,
+            },
+        );
+        let q = Tensor::from_vec(q, (t, hsz), &self.device)?;
+        let attn = attention_candle(&q, batch, &*ctx.kv, layer, self.heads())?;
         let x = (x + b.wo.forward(&attn)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let ff = (candle_nn::ops::silu(&b.gate.forward(&h)?)? * b.up.forward(&h)?)?;
-        Ok((x + b.down.forward(&ff)?)?)
+        let h = b.ffn_norm.forward(&x, eps)?;
+        let gu = b.gate_up.forward(&h)?;
+        let ff = self.cfg.intermediate_size;
+        let act = (candle_nn::ops::silu(&gu.narrow(1, 0, ff)?)? * gu.narrow(1, ff, ff)?)?;
+        Ok((x + b.down.forward(&act)?)?)
     }
 }

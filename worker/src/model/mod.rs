@@ -6,7 +6,9 @@ pub mod attention;
 pub mod config;
 pub mod gguf;
 pub mod kv_store;
+pub mod linear;
 pub mod llama;
+pub mod safetensors;
 
 pub use config::LlamaConfig;
 pub use kv_store::{KvStore, KvStoreConfig};

@@ -1,0 +1,247 @@
+//! Q8_0 × f32 matrix product for CPU, with an AVX2 kernel.
+//!
+//! The default model keeps its (tied) token embedding in Q8_0, so the LM head - a
+//! `[49152, 576]` matrix, about a third of the bytes read per decode step - runs here. Like the
+//! Q4_1 kernel, the weights are repacked at load time (f16 scales widened to f32) and each
+//! activation row is quantized once per call to Q8_0 exactly as candle's
+//! `BlockQ8_0::from_float` does, so results match candle's `QMatMul` up to f32 summation order.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Result;
+use half::f16;
+
+use super::{par_rows, Isa, RowsJob};
+
+/// Values per Q8_0 block.
+const QK: usize = 32;
+/// Bytes of one ggml `block_q8_0`: f16 d, 32 int8.
+const BLOCK_BYTES: usize = 34;
+
+/// A Q8_0 weight matrix `[n_out, k]` repacked for fast CPU matrix products.
+#[derive(Debug, Clone)]
+pub struct Q8_0Matrix {
+    n_out: usize,
+    k: usize,
+    /// Per block scale, `[n_out * k/32]`.
+    d: Vec<f32>,
+    /// `[n_out * k]` int8 weights.
+    q: Vec<i8>,
+}
+
+/// Activations `[t, k]` quantized to Q8_0.
+#[derive(Debug, Clone)]
+pub struct Q8_0Activations {
+    t: usize,
+    k: usize,
+    d: Vec<f32>,
+    q: Vec<i8>,
+}
+
+impl Q8_0Activations {
+    /// Quantizes `t` rows of `k` values (`k` a multiple of 32) like `BlockQ8_0::from_float`.
+    pub fn quantize(x: &[f32], t: usize, k: usize) -> Self {
+        assert_eq!(x.len(), t * k, "Q8_0Activations::quantize: x length");
+        assert!(k.is_multiple_of(QK), "Q8_0Activations::quantize: k % 32");
+        let mut d = vec![0f32; t * k / QK];
+        let mut q = vec![0i8; t * k];
+        for ((xb, qb), d) in x
+            .chunks_exact(QK)
+            .zip(q.chunks_exact_mut(QK))
+            .zip(d.iter_mut())
+        {
+            let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let dx = amax / 127.0;
+            let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * id).round() as i8;
+            }
+            *d = f16::from_f32(dx).to_f32();
+        }
+        Self { t, k, d, q }
+    }
+}
+
+impl Q8_0Matrix {
+    /// Repacks a candle Q8_0 `QTensor` of shape `[n_out, k]`; errors on any other dtype or
+    /// shape, since those come from model files.
+    pub fn from_qtensor(qtensor: &QTensor) -> Result<Self> {
+        if qtensor.dtype() != GgmlDType::Q8_0 {
+            candle_core::bail!("Q8_0Matrix: expected dtype Q8_0, got {:?}", qtensor.dtype());
+        }
+        let (n_out, k) = qtensor.shape().dims2()?;
+        Self::from_raw(&qtensor.data()?, n_out, k)
+    }
+
+    /// Repacks raw ggml `block_q8_0` bytes (row-major `[n_out, k]`).
+    pub fn from_raw(data: &[u8], n_out: usize, k: usize) -> Result<Self> {
+        if !k.is_multiple_of(QK) {
+            candle_core::bail!("Q8_0Matrix: k = {k} is not a multiple of {QK}");
+        }
+        let nblocks = n_out * (k / QK);
+        if data.len() != nblocks * BLOCK_BYTES {
+            candle_core::bail!(
+                "Q8_0Matrix: {} bytes of data for shape [{n_out}, {k}], expected {}",
+                data.len(),
+                nblocks * BLOCK_BYTES
+            );
+        }
+        let mut d = Vec::with_capacity(nblocks);
+        let mut q = Vec::with_capacity(n_out * k);
+        for block in data.chunks_exact(BLOCK_BYTES) {
+            d.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
+            q.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Ok(Self { n_out, k, d, q })
+    }
+
+    /// Number of output features.
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    /// Number of input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Computes `out = x @ W^T` for `x: [t, k]`, `out: [t, n_out]`.
+    pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        let act = Q8_0Activations::quantize(x, t, self.k);
+        self.matmul_q8(&act, out, Isa::detect());
+    }
+
+    fn matmul_q8(&self, act: &Q8_0Activations, out: &mut [f32], isa: Isa) {
+        assert_eq!(act.k, self.k, "Q8_0Matrix::matmul: activation k");
+        let (k, nb) = (self.k, self.k / QK);
+        let job = RowsJob {
+            n_out: self.n_out,
+            t: act.t,
+            row_bytes: nb * BLOCK_BYTES,
+        };
+        par_rows(job, out, |r, tokens, o| {
+            let w = (&self.d[r * nb..(r + 1) * nb], &self.q[r * k..(r + 1) * k]);
+            for (ti, v) in tokens.zip(o.iter_mut()) {
+                let x = (&act.d[ti * nb..(ti + 1) * nb], &act.q[ti * k..(ti + 1) * k]);
+                *v = match isa {
+                    Isa::Scalar => dot_scalar(w, x),
+                    // SAFETY: `Avx2` only comes from runtime detection; the slices above have
+                    // matching lengths (nb scales, 32 * nb values each).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { avx2::dot(w, x) },
+                };
+            }
+        });
+    }
+}
+
+/// Portable Q8_0 · Q8_0 row dot product.
+fn dot_scalar((wd, wq): (&[f32], &[i8]), (xd, xq): (&[f32], &[i8])) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..wd.len() {
+        let sumi: i32 = wq[b * QK..(b + 1) * QK]
+            .iter()
+            .zip(&xq[b * QK..(b + 1) * QK])
+            .map(|(&a, &b)| a as i32 * b as i32)
+            .sum();
+        acc += sumi as f32 * wd[b] * xd[b];
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::QK;
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA Q8_0 · Q8_0 row dot product.
+    ///
+    /// SAFETY: caller ensures avx2 and fma, `xd.len() == wd.len()` and both int8 slices hold
+    /// `32 * wd.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot((wd, wq): (&[f32], &[i8]), (xd, xq): (&[f32], &[i8])) -> f32 {
+        debug_assert_eq!(xd.len(), wd.len());
+        debug_assert_eq!(wq.len(), wd.len() * QK);
+        debug_assert_eq!(xq.len(), wd.len() * QK);
+        let (wp, xp) = (wq.as_ptr(), xq.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..wd.len() {
+            let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+            let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+            // maddubs wants unsigned × signed: move w's sign onto x.
+            let aw = _mm256_sign_epi8(w, w);
+            let sx = _mm256_sign_epi8(x, w);
+            let p16 = _mm256_maddubs_epi16(aw, sx);
+            let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+            let f = _mm256_cvtepi32_ps(p32);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * xd[b]), f, acc);
+        }
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module, Tensor};
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        let mut s = seed
+            .wrapping_mul(2862933555777941757)
+            .wrapping_add(3037000493);
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                s = s.wrapping_mul(2862933555777941757).wrapping_add(3037000493);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    fn check(t: usize, k: usize, n: usize) -> Result<()> {
+        let w = random((n, k), (t + 31 * k + n) as u64);
+        let x = random((t, k), (k * 3 + n) as u64);
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let ours = Q8_0Matrix::from_qtensor(&qt)?;
+        let reference = QMatMul::from_qtensor(qt)?.forward(&x)?;
+        let reference = reference.flatten_all()?.to_vec1::<f32>()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut got = vec![0f32; t * n];
+        ours.matmul(&xs, t, &mut got);
+        let err = max_rel_err(&got, &reference);
+        assert!(err < 1e-4, "t={t} k={k} n={n}: rel err {err}");
+        let act = Q8_0Activations::quantize(&xs, t, k);
+        let mut scalar = vec![0f32; t * n];
+        ours.matmul_q8(&act, &mut scalar, Isa::Scalar);
+        let err = max_rel_err(&scalar, &got);
+        assert!(err < 1e-5, "scalar vs simd t={t}: rel err {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn matches_candle_lm_head_shape() -> Result<()> {
+        check(1, 576, 2048)
+    }
+
+    #[test]
+    fn matches_candle_several_rows() -> Result<()> {
+        check(5, 96, 40)
+    }
+
+    #[test]
+    fn rejects_other_dtypes_and_bad_lengths() -> Result<()> {
+        let w = random((4, 64), 1);
+        assert!(Q8_0Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1)?).is_err());
+        assert!(Q8_0Matrix::from_raw(&[0u8; 33], 1, 32).is_err());
+        assert!(Q8_0Matrix::from_raw(&[0u8; 34], 1, 16).is_err());
+        Ok(())
+    }
+}
