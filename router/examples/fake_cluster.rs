@@ -11,7 +11,8 @@ use orchard_common::config::PolicyConfig;
 async fn main() -> anyhow::Result<()> {
     let a = common::spawn_fake("fake-a").await?;
     let b = common::spawn_fake("fake-b").await?;
-    let router = common::spawn_router(common::router_config(&[&a, &b], PolicyConfig::RoundRobin)).await?;
+    let router =
+        common::spawn_router(common::router_config(&[&a, &b], PolicyConfig::RoundRobin)).await?;
     common::wait_healthy(&router, 2).await?;
     println!("{}", router.addr);
     tokio::signal::ctrl_c().await?;

@@ -102,11 +102,8 @@ pub async fn run(
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(orchard_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    let reflection_v1 = reflection.clone().build_v1()?;
-    let reflection_v1alpha = reflection.build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     tracing::info!(addr = %listener.local_addr()?, "router serving gRPC");
     let served = tonic::transport::Server::builder()
         .add_service(health)
@@ -118,4 +115,12 @@ pub async fn run(
         .await;
     router.stop().await;
     Ok(served?)
+}
+
+/// Reflection over Orchard's protos and grpc.health.v1, so grpcurl and generic clients can
+/// discover every service.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orchard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }

@@ -9,7 +9,11 @@ use orchard_common::config::{self, LogFormat, RouterConfig};
 
 /// Command line of the router process.
 #[derive(Debug, Parser)]
-#[command(name = "orchard-router", version, about = "Orchard router: balances generation over workers")]
+#[command(
+    name = "orchard-router",
+    version,
+    about = "Orchard router: balances generation over workers"
+)]
 struct Args {
     /// Router config (TOML); every key may also come from `ORCHARD_...` variables.
     #[arg(long, short)]
@@ -19,7 +23,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config: RouterConfig = config::load(args.config.as_deref()).context("loading the router config")?;
+    let config: RouterConfig =
+        config::load(args.config.as_deref()).context("loading the router config")?;
     init_logging(&config);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

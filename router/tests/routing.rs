@@ -34,9 +34,14 @@ async fn concurrent_streams_complete_across_both_workers() -> Result<()> {
         let out = r?;
         ensure!(out.error.is_none(), "stream failed: {:?}", out.error);
         ensure!(out.text == expected_text(12), "text {:?}", out.text);
-        let fin = out.final_info.ok_or_else(|| anyhow::anyhow!("no final message"))?;
+        let fin = out
+            .final_info
+            .ok_or_else(|| anyhow::anyhow!("no final message"))?;
         let t = fin.timings.ok_or_else(|| anyhow::anyhow!("no timings"))?;
-        ensure!(t.router_ttft_s > 0.0 && t.router_e2e_s >= t.router_ttft_s, "{t:?}");
+        ensure!(
+            t.router_ttft_s > 0.0 && t.router_e2e_s >= t.router_ttft_s,
+            "{t:?}"
+        );
         ensure!(t.ttft_s > 0.0, "worker timings kept: {t:?}");
         ensure!(t.retries == 0);
         served_by.insert(t.worker_id);
@@ -46,7 +51,11 @@ async fn concurrent_streams_complete_across_both_workers() -> Result<()> {
     ensure!(a.state.completed() + b.state.completed() == 16);
     // Every in-flight slot is returned.
     wait_until("in-flight counts are back to 0", || async {
-        let list = router.admin.clone().list_workers(pb::ListWorkersRequest {}).await?;
+        let list = router
+            .admin
+            .clone()
+            .list_workers(pb::ListWorkersRequest {})
+            .await?;
         Ok(list.into_inner().workers.iter().all(|w| w.in_flight == 0))
     })
     .await
@@ -58,7 +67,12 @@ async fn invalid_requests_get_named_errors() -> Result<()> {
     let router = spawn_router(router_config(&[&a], PolicyConfig::RoundRobin)).await?;
     wait_healthy(&router, 1).await?;
     let cases = [
-        (Some(Input::Prompt(String::new())), None, Code::InvalidArgument, "prompt"),
+        (
+            Some(Input::Prompt(String::new())),
+            None,
+            Code::InvalidArgument,
+            "prompt",
+        ),
         (
             Some(Input::PromptTokenIds(pb::TokenIds { ids: vec![] })),
             None,
@@ -90,22 +104,39 @@ async fn invalid_requests_get_named_errors() -> Result<()> {
         let status = generate(&router, req).await.err();
         let status = status.ok_or_else(|| anyhow::anyhow!("{name}: accepted"))?;
         ensure!(status.code() == code, "{name}: {status:?}");
-        ensure!(status.message().contains(name), "{name}: {}", status.message());
+        ensure!(
+            status.message().contains(name),
+            "{name}: {}",
+            status.message()
+        );
     }
     let mut req = prompt_request("hi", 2);
     req.model = "no-such-model".into();
     let status = generate(&router, req).await.err();
     let status = status.ok_or_else(|| anyhow::anyhow!("unknown model accepted"))?;
     ensure!(status.code() == Code::NotFound, "{status:?}");
-    ensure!(status.message().contains("no-such-model"), "{}", status.message());
+    ensure!(
+        status.message().contains("no-such-model"),
+        "{}",
+        status.message()
+    );
     ensure!(a.state.calls() == 0, "invalid requests reached the worker");
 
     let mut req = prompt_request("hi", 2);
     req.model = FAKE_MODEL.into();
     let out = generate(&router, req).await?;
     ensure!(out.text == expected_text(2));
-    let models = router.orchard.clone().list_models(pb::ListModelsRequest {}).await?;
-    let ids: Vec<String> = models.into_inner().models.into_iter().map(|m| m.id).collect();
+    let models = router
+        .orchard
+        .clone()
+        .list_models(pb::ListModelsRequest {})
+        .await?;
+    let ids: Vec<String> = models
+        .into_inner()
+        .models
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
     ensure!(ids == [FAKE_MODEL], "{ids:?}");
     Ok(())
 }
@@ -120,8 +151,15 @@ async fn worker_invalid_argument_is_relayed_not_retried() -> Result<()> {
     let status = generate(&router, prompt_request("long", 5)).await.err();
     let status = status.ok_or_else(|| anyhow::anyhow!("accepted"))?;
     ensure!(status.code() == Code::InvalidArgument, "{status:?}");
-    ensure!(status.message().contains("context length"), "{}", status.message());
-    ensure!(a.state.calls() + b.state.calls() == 1, "retried an invalid request");
+    ensure!(
+        status.message().contains("context length"),
+        "{}",
+        status.message()
+    );
+    ensure!(
+        a.state.calls() + b.state.calls() == 1,
+        "retried an invalid request"
+    );
     Ok(())
 }
 
@@ -144,7 +182,10 @@ async fn failure_before_first_token_is_retried_on_the_other_worker() -> Result<(
         let out = generate(&router, prompt_request("x", 3)).await?;
         ensure!(out.error.is_none(), "{:?}", out.error);
         ensure!(out.text == expected_text(3));
-        let t = out.final_info.and_then(|f| f.timings).ok_or_else(|| anyhow::anyhow!("no timings"))?;
+        let t = out
+            .final_info
+            .and_then(|f| f.timings)
+            .ok_or_else(|| anyhow::anyhow!("no timings"))?;
         ensure!(t.worker_id == "b", "{t:?}");
         if a.state.calls() == 2 {
             ensure!(t.retries == 1, "retried request reports {t:?}");
@@ -163,9 +204,15 @@ async fn mid_stream_failure_gives_partial_output_then_unavailable() -> Result<()
     wait_healthy(&router, 1).await?;
     let out = generate(&router, prompt_request("x", 10)).await?;
     ensure!(out.text == expected_text(3), "partial text {:?}", out.text);
-    let status = out.error.ok_or_else(|| anyhow::anyhow!("stream ended cleanly"))?;
+    let status = out
+        .error
+        .ok_or_else(|| anyhow::anyhow!("stream ended cleanly"))?;
     ensure!(status.code() == Code::Unavailable, "{status:?}");
-    ensure!(status.message().contains("after 3 tokens"), "{}", status.message());
+    ensure!(
+        status.message().contains("after 3 tokens"),
+        "{}",
+        status.message()
+    );
     ensure!(a.state.calls() == 1, "retried after output was sent");
     Ok(())
 }
@@ -192,7 +239,11 @@ async fn client_cancel_drops_the_worker_stream() -> Result<()> {
     })
     .await?;
     wait_until("the router frees the in-flight slot", || async {
-        let list = router.admin.clone().list_workers(pb::ListWorkersRequest {}).await?;
+        let list = router
+            .admin
+            .clone()
+            .list_workers(pb::ListWorkersRequest {})
+            .await?;
         Ok(list.into_inner().workers.iter().all(|w| w.in_flight == 0))
     })
     .await
@@ -209,14 +260,22 @@ async fn saturated_workers_answer_resource_exhausted_at_once() -> Result<()> {
     wait_healthy(&router, 2).await?;
     let mut held = Vec::new();
     for _ in 0..4 {
-        let mut s = router.orchard.clone().generate(prompt_request("x", 4)).await?.into_inner();
+        let mut s = router
+            .orchard
+            .clone()
+            .generate(prompt_request("x", 4))
+            .await?
+            .into_inner();
         ensure!(s.message().await?.is_some());
         held.push(s);
     }
     let status = generate(&router, prompt_request("x", 4)).await.err();
     let status = status.ok_or_else(|| anyhow::anyhow!("a fifth request was admitted"))?;
     ensure!(status.code() == Code::ResourceExhausted, "{status:?}");
-    ensure!(a.state.calls() + b.state.calls() == 4, "the refused request reached a worker");
+    ensure!(
+        a.state.calls() + b.state.calls() == 4,
+        "the refused request reached a worker"
+    );
 
     // Released streams finish and free their slots; new requests are admitted again.
     a.state.release();
@@ -248,8 +307,15 @@ async fn prefix_affinity_keeps_a_prefix_on_one_worker() -> Result<()> {
     let shared = "You are a helpful assistant. Answer briefly and precisely.";
     let mut owners = HashSet::new();
     for i in 0..6 {
-        let out = generate(&router, prompt_request(&format!("{shared} Question {i}?"), 2)).await?;
-        let t = out.final_info.and_then(|f| f.timings).ok_or_else(|| anyhow::anyhow!("no timings"))?;
+        let out = generate(
+            &router,
+            prompt_request(&format!("{shared} Question {i}?"), 2),
+        )
+        .await?;
+        let t = out
+            .final_info
+            .and_then(|f| f.timings)
+            .ok_or_else(|| anyhow::anyhow!("no timings"))?;
         owners.insert(t.worker_id);
     }
     ensure!(owners.len() == 1, "one prefix went to {owners:?}");

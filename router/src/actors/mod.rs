@@ -8,7 +8,6 @@ mod worker_link;
 
 pub use handle::{PromptTokens, RouterHandle};
 pub use router_actor::{
-    DrainMode, Lease, Registration, RouteQuery, RouterActor, RouterArgs, RouterMsg,
-    RouterSettings,
+    DrainMode, Lease, Registration, RouteQuery, RouterActor, RouterArgs, RouterMsg, RouterSettings,
 };
 pub use worker_link::{InFlightGuard, LinkHealth, LinkReport, WorkerLink};

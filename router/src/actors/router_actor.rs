@@ -80,9 +80,12 @@ struct Entry {
     model: Option<pb::ModelInfo>,
 }
 
+/// The registry, by worker id (ordered, so listings are stable).
+type Workers = BTreeMap<String, Entry>;
+
 /// Mutable state of the RouterActor.
 pub struct RouterState {
-    workers: BTreeMap<String, Entry>,
+    workers: Workers,
     policy: Box<dyn Policy>,
     sweeper: Option<JoinHandle<()>>,
 }
@@ -120,7 +123,10 @@ pub struct Registration {
 pub enum RouterMsg {
     Route(RouteQuery, RpcReplyPort<Result<Lease, OrchardError>>),
     /// A client of some healthy worker serving the model, for tokenization.
-    AnyClient(String, RpcReplyPort<Result<WorkerClient<Channel>, OrchardError>>),
+    AnyClient(
+        String,
+        RpcReplyPort<Result<WorkerClient<Channel>, OrchardError>>,
+    ),
     ListWorkers(RpcReplyPort<Vec<pb::WorkerStatus>>),
     ListModels(RpcReplyPort<Vec<pb::ModelInfo>>),
     Register(Registration, RpcReplyPort<Result<Duration, OrchardError>>),
@@ -193,7 +199,7 @@ impl Actor for RouterActor {
                 let _ = reply.send(state.workers.values().map(status_of).collect());
             }
             RouterMsg::ListModels(reply) => {
-                let _ = reply.send(models(state));
+                let _ = reply.send(models(&state.workers));
             }
             RouterMsg::Register(reg, reply) => {
                 let result = self.register(&myself, state, reg).await;
@@ -307,7 +313,7 @@ impl RouterActor {
 
     /// Picks a worker: healthy, not draining, not excluded, below its in-flight cap.
     fn route(&self, state: &mut RouterState, query: &RouteQuery) -> Result<Lease, OrchardError> {
-        let serving = serving_model(state, &query.model)?;
+        let serving = serving_model(&state.workers, &query.model)?;
         let healthy: Vec<&Entry> = serving
             .into_iter()
             .filter(|e| e.health == LinkHealth::Healthy && !e.draining)
@@ -317,7 +323,10 @@ impl RouterActor {
             return Err(OrchardError::unavailable(if query.exclude.is_empty() {
                 "no healthy worker is available".to_string()
             } else {
-                format!("no healthy worker left to retry on (tried {:?})", query.exclude)
+                format!(
+                    "no healthy worker left to retry on (tried {:?})",
+                    query.exclude
+                )
             }));
         }
         let open: Vec<&Entry> = healthy
@@ -417,17 +426,16 @@ fn validate_registration(reg: &Registration) -> Result<(), OrchardError> {
 }
 
 /// Workers serving `model` (all when empty); NOT_FOUND names an unknown model.
-fn serving_model<'a>(state: &'a RouterState, model: &str) -> Result<Vec<&'a Entry>, OrchardError> {
+fn serving_model<'a>(workers: &'a Workers, model: &str) -> Result<Vec<&'a Entry>, OrchardError> {
     if model.is_empty() {
-        return Ok(state.workers.values().collect());
+        return Ok(workers.values().collect());
     }
-    let serving: Vec<&Entry> = state
-        .workers
+    let serving: Vec<&Entry> = workers
         .values()
         .filter(|e| e.model.as_ref().is_some_and(|m| m.id == model))
         .collect();
     if serving.is_empty() {
-        let known: Vec<String> = models(state).into_iter().map(|m| m.id).collect();
+        let known: Vec<String> = models(workers).into_iter().map(|m| m.id).collect();
         return Err(OrchardError::not_found(format!(
             "model `{model}` is not served here (available: {known:?})"
         )));
@@ -436,7 +444,7 @@ fn serving_model<'a>(state: &'a RouterState, model: &str) -> Result<Vec<&'a Entr
 }
 
 fn any_client(state: &RouterState, model: &str) -> Result<WorkerClient<Channel>, OrchardError> {
-    serving_model(state, model)?
+    serving_model(&state.workers, model)?
         .into_iter()
         .find(|e| e.health == LinkHealth::Healthy)
         .map(|e| e.client.clone())
@@ -471,7 +479,9 @@ fn status_of(e: &Entry) -> pb::WorkerStatus {
         Source::Static => ("static", 0.0),
         Source::Registered { expires, .. } => (
             "registered",
-            expires.saturating_duration_since(Instant::now()).as_secs_f64(),
+            expires
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64(),
         ),
     };
     pb::WorkerStatus {
@@ -487,10 +497,12 @@ fn status_of(e: &Entry) -> pb::WorkerStatus {
 }
 
 /// Distinct models of the workers that currently report one.
-fn models(state: &RouterState) -> Vec<pb::ModelInfo> {
+fn models(workers: &Workers) -> Vec<pb::ModelInfo> {
     let mut by_id = BTreeMap::new();
-    for model in state.workers.values().filter_map(|e| e.model.as_ref()) {
-        by_id.entry(model.id.clone()).or_insert_with(|| model.clone());
+    for model in workers.values().filter_map(|e| e.model.as_ref()) {
+        by_id
+            .entry(model.id.clone())
+            .or_insert_with(|| model.clone());
     }
     by_id.into_values().collect()
 }

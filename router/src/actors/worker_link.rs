@@ -246,7 +246,9 @@ async fn poll_worker(
     need_model: bool,
 ) -> Result<PollData, OrchardError> {
     let within = |what: &'static str| {
-        move |_: tokio::time::error::Elapsed| OrchardError::unavailable(format!("{what}: no answer within {budget:?}"))
+        move |_: tokio::time::error::Elapsed| {
+            OrchardError::unavailable(format!("{what}: no answer within {budget:?}"))
+        }
     };
     let mut health = HealthClient::new(channel.clone());
     let check = tokio::time::timeout(budget, health.check(HealthCheckRequest::default()))

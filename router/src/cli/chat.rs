@@ -40,7 +40,10 @@ pub async fn run(args: ChatArgs) -> Result<()> {
     let system: Vec<pb::ChatMessage> = args.system.iter().map(|s| message("system", s)).collect();
     let mut history = system.clone();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    eprintln!("chatting with {} (/reset clears the history, /exit or Ctrl-D quits)", args.router.router);
+    eprintln!(
+        "chatting with {} (/reset clears the history, /exit or Ctrl-D quits)",
+        args.router.router
+    );
     loop {
         eprint!("> ");
         std::io::stderr().flush()?;

@@ -13,7 +13,11 @@ pub const DEFAULT_ROUTER: &str = "http://127.0.0.1:50051";
 
 /// `orchard`: run and use an Orchard cluster from the command line.
 #[derive(Debug, Parser)]
-#[command(name = "orchard", version, about = "Run and use an Orchard LLM serving cluster")]
+#[command(
+    name = "orchard",
+    version,
+    about = "Run and use an Orchard LLM serving cluster"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

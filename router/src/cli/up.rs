@@ -94,7 +94,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
 /// `orchard-worker` in the folder of the running executable.
 fn worker_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the orchard executable")?;
-    let dir = exe.parent().context("the executable has no parent folder")?;
+    let dir = exe
+        .parent()
+        .context("the executable has no parent folder")?;
     let bin = dir.join(format!("orchard-worker{}", std::env::consts::EXE_SUFFIX));
     if !bin.is_file() {
         bail!(
@@ -111,7 +113,9 @@ fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ORCHARD_CACHE") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("orchard")
 }
 
@@ -127,7 +131,10 @@ async fn resolve_model(given: Option<&Path>) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    eprintln!("default model missing at {}; fetching it...", path.display());
+    eprintln!(
+        "default model missing at {}; fetching it...",
+        path.display()
+    );
     let mut child = Command::new("bash")
         .arg("-c")
         .arg(FETCH_SCRIPT)
@@ -236,7 +243,11 @@ async fn is_serving(addr: SocketAddr) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
         return false;
     };
-    let Ok(channel) = endpoint.connect_timeout(Duration::from_millis(500)).connect().await else {
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+    else {
         return false;
     };
     let mut client = HealthClient::new(channel);
@@ -298,20 +309,16 @@ async fn stop_all(workers: &mut [WorkerProcess]) {
     }
 }
 
-/// Asks a child to exit (SIGTERM), so it can finish and flush logs.
-#[cfg(unix)]
+/// Asks a child to exit (SIGTERM through the system's `kill`), so it can finish and flush
+/// its logs; where that is not possible the child is killed outright.
 fn terminate(child: &mut Child) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        // The child may have exited already; then there is nothing to signal.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+    let asked = child.id().is_some_and(|pid| {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !asked {
+        let _ = child.start_kill();
     }
-}
-
-/// Without POSIX signals the child is killed outright.
-#[cfg(not(unix))]
-fn terminate(child: &mut Child) {
-    let _ = child.start_kill();
 }

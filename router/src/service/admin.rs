@@ -26,6 +26,7 @@ impl AdminService {
     }
 }
 
+#[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_workers(
         &self,
@@ -68,7 +69,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
-        let resp = self.set_drain(request.into_inner().id, DrainMode::Drain).await?;
+        let resp = self
+            .set_drain(request.into_inner().id, DrainMode::Drain)
+            .await?;
         Ok(Response::new(resp))
     }
 

@@ -96,6 +96,7 @@ impl OrchardService {
     }
 }
 
+#[tonic::async_trait]
 impl Orchard for OrchardService {
     type GenerateStream = GenerateStream;
 

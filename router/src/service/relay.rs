@@ -84,7 +84,12 @@ async fn open_on(
     lease: &Lease,
     request: &pb::GenerateRequest,
 ) -> Result<(Streaming<pb::GenerateResponse>, pb::GenerateResponse), OrchardError> {
-    let in_context = |e: OrchardError| OrchardError::new(e.kind, format!("worker `{}`: {}", lease.worker_id, e.message));
+    let in_context = |e: OrchardError| {
+        OrchardError::new(
+            e.kind,
+            format!("worker `{}`: {}", lease.worker_id, e.message),
+        )
+    };
     let mut client = lease.client.clone();
     let mut stream = client
         .generate(request.clone())

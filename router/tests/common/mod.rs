@@ -158,6 +158,7 @@ pub async fn spawn_fake(id: &str) -> Result<FakeWorker> {
 
 type Chunk = Result<pb::GenerateResponse, Status>;
 
+#[tonic::async_trait]
 impl Worker for FakeService {
     type GenerateStream = ReceiverStream<Chunk>;
 
@@ -170,7 +171,9 @@ impl Worker for FakeService {
         let req = request.into_inner();
         match state.behavior() {
             Behavior::FailBeforeFirst => {
-                return Err(Status::unavailable("fake: scripted failure before the first token"))
+                return Err(Status::unavailable(
+                    "fake: scripted failure before the first token",
+                ))
             }
             Behavior::RejectInvalid => {
                 return Err(Status::invalid_argument(
@@ -274,7 +277,9 @@ async fn stream_tokens(
     for i in 0..n {
         match behavior {
             Behavior::FailAfter(k) if k == i => {
-                let _ = tx.send(Err(Status::internal("fake: scripted mid-stream failure"))).await;
+                let _ = tx
+                    .send(Err(Status::internal("fake: scripted mid-stream failure")))
+                    .await;
                 return StreamEnd::Failed;
             }
             Behavior::HoldAfter(k) if k == i => {
