@@ -1,4 +1,127 @@
-//! Orchard router: public gRPC and HTTP fronts, RouterActor, WorkerLink actors and policies.
+//! Orchard router: public gRPC (and OpenAI-style HTTP) fronts over a RouterActor that
+//! balances requests across workers with a pluggable policy, health-checked by one
+//! WorkerLink actor per worker.
+//!
+//! Embedding: [`Router::start`] builds the actors and gives out the services (the HTTP front
+//! calls [`OrchardService`] in-process); [`run`] serves everything on a listener until
+//! `shutdown` resolves (tests bind `127.0.0.1:0` and call it directly).
 
+pub mod actors;
+pub mod error;
 pub mod http;
 pub mod policy;
+pub mod service;
+
+use std::future::Future;
+
+use orchard_common::config::{PolicyConfig, RouterConfig};
+use orchard_proto::v1::admin_server::AdminServer;
+use orchard_proto::v1::orchard_server::OrchardServer;
+use ractor::{Actor, ActorRef};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use actors::RouterHandle;
+pub use error::RouterError;
+pub use service::{AdminService, OrchardService};
+
+use actors::{PromptTokens, RouterActor, RouterArgs, RouterMsg, RouterSettings};
+
+/// A running RouterActor (with its WorkerLinks) and the services built on it.
+pub struct Router {
+    actor: ActorRef<RouterMsg>,
+    join: JoinHandle<()>,
+    handle: RouterHandle,
+    max_retries: u32,
+}
+
+impl Router {
+    /// Starts the RouterActor and one WorkerLink per static worker of `config`.
+    pub async fn start(config: &RouterConfig) -> Result<Self, RouterError> {
+        let actor = RouterActor {
+            settings: RouterSettings {
+                max_in_flight_per_worker: config.max_in_flight_per_worker,
+                max_lease: config.max_lease,
+                health: config.health.clone(),
+            },
+        };
+        let args = RouterArgs {
+            workers: config.workers.clone(),
+            policy: config.policy.clone(),
+        };
+        let (actor, join) = Actor::spawn(None, actor, args).await?;
+        let prompt_tokens = match config.policy {
+            PolicyConfig::PrefixAffinity { .. } => PromptTokens::Needed,
+            _ => PromptTokens::NotNeeded,
+        };
+        let handle = RouterHandle::new(actor.clone(), prompt_tokens);
+        Ok(Self {
+            actor,
+            join,
+            handle,
+            max_retries: config.max_retries,
+        })
+    }
+
+    /// The handle the services use; also useful to embedders that route themselves.
+    pub fn handle(&self) -> RouterHandle {
+        self.handle.clone()
+    }
+
+    /// The public generation service, to serve over gRPC or call in-process.
+    pub fn orchard_service(&self) -> OrchardService {
+        OrchardService::new(self.handle.clone(), self.max_retries)
+    }
+
+    /// The operator service.
+    pub fn admin_service(&self) -> AdminService {
+        AdminService::new(self.handle.clone())
+    }
+
+    /// Stops the RouterActor (which stops its links) and waits for it.
+    pub async fn stop(self) {
+        self.actor.stop(None);
+        if let Err(e) = self.join.await {
+            tracing::warn!(error = %e, "router actor ended abnormally");
+        }
+    }
+}
+
+/// Serves Orchard, Admin, grpc.health.v1 and server reflection (v1 and v1alpha) on
+/// `listener` until `shutdown` resolves.
+pub async fn run(
+    config: RouterConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let router = Router::start(&config).await?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<OrchardServer<OrchardService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    tracing::info!(addr = %listener.local_addr()?, "router serving gRPC");
+    let served = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(OrchardServer::new(router.orchard_service()))
+        .add_service(AdminServer::new(router.admin_service()))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    router.stop().await;
+    Ok(served?)
+}
+
+/// Reflection over Orchard's protos and grpc.health.v1, so grpcurl and generic clients can
+/// discover every service.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orchard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
