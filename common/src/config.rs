@@ -204,6 +204,76 @@ pub enum EngineKind {
     Simulated,
 }
 
+/// Timing model of the simulated engine (`engine_kind = "simulated"`): each step sleeps
+/// `step_overhead + per_prefill_token * prompt tokens in the step + per_decode_seq * decoding
+/// sequences`, so router tests see realistic queueing without a model. These are configured
+/// costs, not measurements.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Fixed cost of every step (scheduling, weight streaming).
+    #[serde(with = "humantime_serde")]
+    pub step_overhead: Duration,
+    /// Cost of each prompt token computed in a step.
+    #[serde(with = "humantime_serde")]
+    pub per_prefill_token: Duration,
+    /// Cost of each sequence decoding one token in a step.
+    #[serde(with = "humantime_serde")]
+    pub per_decode_seq: Duration,
+    /// Context length the simulated model reports (`engine.max_model_len` caps it).
+    pub max_model_len: u32,
+    /// Simulated KV bytes per token, used to derive the block count from
+    /// `engine.kv_cache_mb` when `engine.num_kv_blocks` is unset.
+    pub kv_bytes_per_token: u32,
+    /// When set, the simulated model predicts EOS for every position at or after this one,
+    /// so requests can end with `stop`; unset = it never predicts EOS.
+    pub eos_at_position: Option<u32>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            step_overhead: Duration::from_millis(2),
+            per_prefill_token: Duration::from_micros(50),
+            per_decode_seq: Duration::from_micros(500),
+            max_model_len: 2048,
+            kv_bytes_per_token: 46_080,
+            eos_at_position: None,
+        }
+    }
+}
+
+impl SimConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let limit = Duration::from_secs(10);
+        for (key, v) in [
+            ("sim.step_overhead", self.step_overhead),
+            ("sim.per_prefill_token", self.per_prefill_token),
+            ("sim.per_decode_seq", self.per_decode_seq),
+        ] {
+            if v > limit {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be <= 10s, got {v:?}"),
+                ));
+            }
+        }
+        if self.max_model_len < 2 {
+            return Err(ConfigError::invalid("sim.max_model_len", "must be >= 2"));
+        }
+        if self.kv_bytes_per_token == 0 {
+            return Err(ConfigError::invalid(
+                "sim.kv_bytes_per_token",
+                "must be >= 1",
+            ));
+        }
+        if self.eos_at_position == Some(0) {
+            return Err(ConfigError::invalid("sim.eos_at_position", "must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
 /// Dynamic registration with a router (lease + heartbeat).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,6 +302,8 @@ pub struct WorkerConfig {
     pub engine_kind: EngineKind,
     pub model: ModelConfig,
     pub engine: EngineConfig,
+    /// Timing model, used only when `engine_kind = "simulated"`.
+    pub sim: SimConfig,
     pub registration: Option<RegistrationConfig>,
     pub telemetry: TelemetryConfig,
 }
@@ -245,6 +317,7 @@ impl Default for WorkerConfig {
             engine_kind: EngineKind::Model,
             model: ModelConfig::default(),
             engine: EngineConfig::default(),
+            sim: SimConfig::default(),
             registration: None,
             telemetry: TelemetryConfig::default(),
         }
@@ -262,6 +335,7 @@ impl Validate for WorkerConfig {
         if self.model.threads == Some(0) {
             return Err(ConfigError::invalid("model.threads", "must be >= 1"));
         }
+        self.sim.validate()?;
         self.engine.validate()
     }
 }

@@ -5,12 +5,16 @@
 //! Layout: `kv/` owns KV blocks (manager and paged store), `engine/` the scheduler and the
 //! engine thread, `model/` the candle model code, `kernels/` CPU kernels (SIMD quantized dot
 //! products, paged attention), `text/` tokenizer, chat template and detokenizer, `sampling/`
-//! the per-request sampler, `sim/` the simulated engine used by router tests.
+//! the per-request sampler, `sim/` the simulated engine used by router tests, `service/` the gRPC
+//! service, `server` the worker process (`run`), `registration` the router lease.
 
 pub mod engine;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod registration;
 pub mod sampling;
+pub mod server;
+pub mod service;
 pub mod sim;
 pub mod text;

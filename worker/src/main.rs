@@ -1,5 +1,8 @@
 //! `orchard-worker`: runs the engine from the command line.
 //!
+//! `orchard-worker --config worker.toml` (or `orchard-worker serve --config worker.toml`) serves
+//! the worker over gRPC until Ctrl-C or SIGTERM; see `deploy/worker.example.toml`.
+//!
 //! `orchard-worker generate --prompt "..."` loads a model (the default one when `--model` is not
 //! given), renders the prompt with the model's chat template and streams a completion through
 //! the engine (the same scheduler, sampler and detokenizer the server uses), then prints the
@@ -20,12 +23,18 @@ use orchard_worker::text::chat_template::Message;
 #[derive(Parser)]
 #[command(name = "orchard-worker", version, about)]
 struct Cli {
+    /// Worker config (TOML); `ORCHARD_...` variables override it. Serves when no subcommand
+    /// is given.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the worker over gRPC (the default).
+    Serve(ServeArgs),
     /// Generate a completion for one prompt, without the cluster.
     Generate(GenerateArgs),
 }
@@ -51,8 +60,11 @@ struct GenerateArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Generate(args) => generate(args),
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Generate(args)) => generate(args),
+        Some(Command::Serve(args)) => serve(args.config.or(cli.config)),
+        None => serve(cli.config),
     }
 }
 
@@ -121,4 +133,30 @@ fn report(done: &Finished) {
         ms(t.mean_tpot),
         ms(t.e2e),
     );
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// Worker config (TOML); `ORCHARD_...` variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Loads the config, binds `listen` and serves until Ctrl-C or SIGTERM.
+fn serve(config: Option<PathBuf>) -> Result<()> {
+    let cfg: WorkerConfig = config::load(config.as_deref())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(
+            &cfg.telemetry.log_level,
+        )?)
+        .init();
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        tracing::info!(listen = %cfg.listen, id = %cfg.id, "orchard-worker starting");
+        orchard_worker::server::run(cfg, listener, orchard_worker::server::shutdown_signal())
+            .await?;
+        Ok(())
+    })
 }
