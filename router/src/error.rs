@@ -14,6 +14,8 @@ pub enum RouterError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] orchard_common::metrics::MetricsError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }

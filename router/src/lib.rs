@@ -13,8 +13,10 @@ pub mod policy;
 pub mod service;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use orchard_common::config::{PolicyConfig, RouterConfig};
+use orchard_common::metrics::{Registry, RouterMetrics};
 use orchard_proto::v1::admin_server::AdminServer;
 use orchard_proto::v1::orchard_server::OrchardServer;
 use ractor::{Actor, ActorRef};
@@ -34,6 +36,10 @@ pub struct Router {
     join: JoinHandle<()>,
     handle: RouterHandle,
     max_retries: u32,
+    /// This router's Prometheus registry (one per process, never the global default, so
+    /// in-process tests with several routers do not collide).
+    registry: Registry,
+    metrics: Arc<RouterMetrics>,
 }
 
 impl Router {
@@ -56,11 +62,15 @@ impl Router {
             _ => PromptTokens::NotNeeded,
         };
         let handle = RouterHandle::new(actor.clone(), prompt_tokens);
+        let registry = Registry::new();
+        let metrics = Arc::new(RouterMetrics::new(&registry)?);
         Ok(Self {
             actor,
             join,
             handle,
             max_retries: config.max_retries,
+            registry,
+            metrics,
         })
     }
 
@@ -71,7 +81,12 @@ impl Router {
 
     /// The public generation service, to serve over gRPC or call in-process.
     pub fn orchard_service(&self) -> OrchardService {
-        OrchardService::new(self.handle.clone(), self.max_retries)
+        OrchardService::new(self.handle.clone(), self.max_retries, self.metrics.clone())
+    }
+
+    /// The Prometheus registry the router's metrics live in (served on `/metrics`).
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
     }
 
     /// The operator service.
@@ -89,13 +104,17 @@ impl Router {
 }
 
 /// Serves Orchard, Admin, grpc.health.v1 and server reflection (v1 and v1alpha) on
-/// `listener` until `shutdown` resolves.
+/// `listener` until `shutdown` resolves; also the OpenAI-compatible HTTP front on
+/// `config.http_listen` and Prometheus `/metrics` on `config.telemetry.metrics_listen` when
+/// they are set. Every server stops on the same `shutdown`.
 pub async fn run(
     config: RouterConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
     let router = Router::start(&config).await?;
+    let stop = Shutdown::spawn(shutdown);
+    let side_servers = start_side_servers(&config, &router, &stop).await?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<OrchardServer<OrchardService>>()
@@ -112,10 +131,74 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(OrchardServer::new(router.orchard_service()))
         .add_service(AdminServer::new(router.admin_service()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.wait())
         .await;
+    for server in side_servers {
+        if let Err(e) = server.await {
+            tracing::warn!(error = %e, "HTTP server task ended abnormally");
+        }
+    }
     router.stop().await;
     Ok(served?)
+}
+
+/// One shutdown signal shared by the gRPC, HTTP and metrics servers.
+#[derive(Clone)]
+struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    fn spawn(signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            signal.await;
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            // An error means the sender is gone, which also means "stop".
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        }
+    }
+}
+
+/// Binds and starts the HTTP front and the metrics endpoint when configured.
+async fn start_side_servers(
+    config: &RouterConfig,
+    router: &Router,
+    stop: &Shutdown,
+) -> Result<Vec<JoinHandle<()>>, RouterError> {
+    let mut servers = Vec::new();
+    if let Some(addr) = config.http_listen {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "router serving OpenAI-compatible HTTP");
+        let app = http::app_with_admin(
+            Arc::new(router.orchard_service()),
+            Arc::new(router.admin_service()),
+            http::HttpOptions::from_config(config),
+        );
+        let wait = stop.wait();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, app, wait).await {
+                tracing::error!(error = %e, "HTTP front stopped");
+            }
+        }));
+    }
+    if let Some(addr) = config.telemetry.metrics_listen {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "router serving /metrics");
+        let registry = router.registry();
+        let wait = stop.wait();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = orchard_common::metrics::serve_metrics(listener, registry, wait).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
+    Ok(servers)
 }
 
 /// Reflection over Orchard's protos and grpc.health.v1, so grpcurl and generic clients can

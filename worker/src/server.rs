@@ -9,8 +9,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use orchard_common::config::{EngineKind, WorkerConfig};
+use orchard_common::metrics::{MetricsError, Registry, WorkerMetrics};
 use orchard_common::{OrchardError, SamplingParams};
 use orchard_proto::v1::worker_server::WorkerServer;
 use thiserror::Error;
@@ -42,6 +44,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] MetricsError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -62,7 +66,13 @@ pub async fn run(
     let local = listener.local_addr()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    let service = WorkerService::new(&config.id);
+    let registry = Registry::new();
+    let metrics = Arc::new(WorkerMetrics::new(&registry, &config.id)?);
+    let service = WorkerService::new(&config.id, metrics);
+    let metrics_server = match config.telemetry.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, registry, service.clone()).await?),
+        None => None,
+    };
     let (failed_tx, failed_rx) = oneshot::channel();
     let startup = tokio::spawn(start(Startup {
         config,
@@ -82,8 +92,38 @@ pub async fn run(
         )
         .await;
     let started = startup_outcome(startup).await;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     served?;
     started
+}
+
+/// Serves Prometheus `/metrics` on `addr`, refreshing the engine gauges at each scrape; the
+/// task is aborted when the gRPC server stops.
+async fn serve_metrics(
+    addr: SocketAddr,
+    registry: Registry,
+    service: WorkerService,
+) -> Result<JoinHandle<()>, ServerError> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "worker serving /metrics");
+    let scrape = move || {
+        let (registry, service) = (registry.clone(), service.clone());
+        async move {
+            service.refresh_load_metrics();
+            match orchard_common::metrics::render(&registry) {
+                Ok(text) => (axum::http::StatusCode::OK, text),
+                Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    }))
 }
 
 /// Reflection over every service this server hosts (Orchard's and gRPC health).

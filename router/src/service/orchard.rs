@@ -1,8 +1,10 @@
 //! The public `orchard.v1.Orchard` service: validate, (tokenize for prefix affinity), place
 //! the request on a worker with retries, relay the stream.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use orchard_common::metrics::RouterMetrics;
 use orchard_common::OrchardError;
 use orchard_proto::v1 as pb;
 use orchard_proto::v1::generate_request::Input;
@@ -28,15 +30,18 @@ pub type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
 pub struct OrchardService {
     router: RouterHandle,
     max_retries: u32,
+    /// Client-side request metrics (TTFT, TPOT, errors, retries) for Prometheus.
+    metrics: Arc<RouterMetrics>,
 }
 
 impl OrchardService {
     /// A service routing through `router`, retrying failures before the first token
-    /// `max_retries` times on other workers.
-    pub fn new(router: RouterHandle, max_retries: u32) -> Self {
+    /// `max_retries` times on other workers, and recording into `metrics`.
+    pub fn new(router: RouterHandle, max_retries: u32, metrics: Arc<RouterMetrics>) -> Self {
         Self {
             router,
             max_retries,
+            metrics,
         }
     }
 
@@ -75,6 +80,18 @@ impl OrchardService {
 
     async fn start(
         &self,
+        req: pb::GenerateRequest,
+        arrival: Instant,
+    ) -> Result<GenerateStream, OrchardError> {
+        let started = self.place(req, arrival).await;
+        if let Err(e) = &started {
+            self.metrics.record_error(e.kind);
+        }
+        started
+    }
+
+    async fn place(
+        &self,
         mut req: pb::GenerateRequest,
         arrival: Instant,
     ) -> Result<GenerateStream, OrchardError> {
@@ -88,10 +105,17 @@ impl OrchardService {
             request: &req,
             prompt_token_ids,
             max_retries: self.max_retries,
+            metrics: &self.metrics,
         })
         .await?;
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
-        tokio::spawn(relay(opened, RelayTarget { tx, arrival }));
+        let target = RelayTarget {
+            tx,
+            arrival,
+            accepted: Instant::now(),
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(relay(opened, target));
         Ok(ReceiverStream::new(rx))
     }
 }

@@ -8,9 +8,11 @@
 //! the partial output. The worker stream is dropped as soon as the client goes away, which is
 //! how the worker learns to abort the sequence and free its KV blocks.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use orchard_common::{ErrorKind, OrchardError};
+use orchard_common::metrics::RouterMetrics;
+use orchard_common::{ErrorKind, FinishReason, OrchardError, RequestTimings, Usage};
 use orchard_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::codec::Streaming;
@@ -34,6 +36,7 @@ pub struct Placement<'a> {
     pub request: &'a pb::GenerateRequest,
     pub prompt_token_ids: Vec<u32>,
     pub max_retries: u32,
+    pub metrics: &'a RouterMetrics,
 }
 
 /// Whether a failure before the first token is worth another worker.
@@ -70,6 +73,7 @@ pub async fn open_with_retries(p: Placement<'_>) -> Result<Opened, OrchardError>
             }
             Err(e) if retryable(e.kind) => {
                 tracing::warn!(worker = %lease.worker_id, error = %e, attempt, "failed before the first token");
+                p.metrics.record_retry(e.kind);
                 tried.push(lease.worker_id.clone());
                 last_err = Some(e);
             }
@@ -110,6 +114,9 @@ pub struct RelayTarget {
     pub tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     /// When the router received the request.
     pub arrival: Instant,
+    /// When a worker accepted it (its first message arrived), retries included.
+    pub accepted: Instant,
+    pub metrics: Arc<RouterMetrics>,
 }
 
 /// Forwards the worker stream to the client until the final message, a failure, or the
@@ -122,6 +129,7 @@ pub async fn relay(opened: Opened, target: RelayTarget) {
         retries,
     } = opened;
     let mut first_token_at: Option<Instant> = None;
+    let mut last_token_at: Option<Instant> = None;
     let mut tokens: usize = 0;
     let mut next = Some(first);
     loop {
@@ -148,7 +156,14 @@ pub async fn relay(opened: Opened, target: RelayTarget) {
             }
         };
         if !msg.token_ids.is_empty() {
-            first_token_at.get_or_insert_with(Instant::now);
+            let now = Instant::now();
+            if let Some(prev) = last_token_at.replace(now) {
+                let gap = now.duration_since(prev);
+                target
+                    .metrics
+                    .record_inter_token_latency(&lease.worker_id, gap);
+            }
+            first_token_at.get_or_insert(now);
             tokens += msg.token_ids.len();
         }
         let done = msg.r#final.is_some();
@@ -164,11 +179,43 @@ pub async fn relay(opened: Opened, target: RelayTarget) {
             if t.worker_id.is_empty() {
                 t.worker_id = lease.worker_id.clone();
             }
+            record_finished(&target, &lease.worker_id, fin, first_token_at, now);
         }
         if target.tx.send(Ok(msg)).await.is_err() || done {
             return;
         }
     }
+}
+
+/// Records a finished request as the client saw it, in the router's metrics.
+fn record_finished(
+    target: &RelayTarget,
+    worker: &str,
+    fin: &pb::FinalInfo,
+    first_token_at: Option<Instant>,
+    now: Instant,
+) {
+    let usage = Usage::from(fin.usage.unwrap_or_default());
+    let reason = pb::FinishReason::try_from(fin.finish_reason)
+        .ok()
+        .and_then(|r| FinishReason::try_from(r).ok())
+        .unwrap_or(FinishReason::Stop);
+    let ttft = first_token_at.unwrap_or(now).duration_since(target.arrival);
+    let decode = now.duration_since(first_token_at.unwrap_or(now));
+    let mean_tpot = match usage.completion_tokens {
+        n if n > 1 => decode / (n - 1),
+        _ => Default::default(),
+    };
+    let timings = RequestTimings {
+        queue: target.accepted.duration_since(target.arrival),
+        prefill: Default::default(),
+        ttft,
+        mean_tpot,
+        e2e: now.duration_since(target.arrival),
+    };
+    target
+        .metrics
+        .record_finished(worker, &timings, &usage, reason);
 }
 
 /// Ends the client's stream after partial output: the worker failed mid-request.
@@ -178,5 +225,6 @@ async fn fail(target: &RelayTarget, lease: &Lease, tokens: usize, why: &str) {
         lease.worker_id
     ));
     tracing::warn!(error = %err, "generation failed mid-stream");
+    target.metrics.record_error(err.kind);
     let _ = target.tx.send(Err(err.into())).await;
 }

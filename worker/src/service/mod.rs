@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures::Stream;
+use orchard_common::metrics::{WorkerLoad, WorkerMetrics};
 use orchard_common::{OrchardError, SamplingParams};
 use orchard_proto::v1 as pb;
 use orchard_proto::v1::worker_server::Worker;
@@ -49,18 +50,38 @@ struct Inner {
     in_flight: InFlight,
     /// Numbers requests that arrive without an id.
     next_id: AtomicU64,
+    /// Request latencies, token counts, errors and engine gauges for Prometheus.
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl WorkerService {
-    /// A service whose engine is still loading.
-    pub fn new(worker_id: &str) -> Self {
+    /// A service whose engine is still loading, recording into `metrics`.
+    pub fn new(worker_id: &str, metrics: Arc<WorkerMetrics>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 worker_id: Arc::from(worker_id),
                 loaded: OnceLock::new(),
                 in_flight: InFlight::default(),
                 next_id: AtomicU64::new(0),
+                metrics,
             }),
+        }
+    }
+
+    /// Publishes the engine's current gauges (running, waiting, KV blocks, prefix cache,
+    /// preemptions) to the metrics; called before every `/metrics` scrape.
+    pub fn refresh_load_metrics(&self) {
+        if let Some(loaded) = self.inner.loaded.get() {
+            let load = loaded.engine.load();
+            self.inner.metrics.set_load(&WorkerLoad {
+                running: load.running,
+                waiting: load.waiting,
+                kv_blocks_used: load.kv_blocks_used,
+                kv_blocks_total: load.kv_blocks_total,
+                prefix_cache_query_tokens: load.prefix_cache_queries,
+                prefix_cache_hit_tokens: load.prefix_cache_hits,
+                preemptions: load.preemptions,
+            });
         }
     }
 
@@ -129,7 +150,12 @@ impl Worker for WorkerService {
             arrival,
             events,
         })?;
-        let stream = GenerateStream::new(receiver, guard, Arc::clone(&self.inner.worker_id));
+        let stream = GenerateStream::new(
+            receiver,
+            guard,
+            Arc::clone(&self.inner.worker_id),
+            Arc::clone(&self.inner.metrics),
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

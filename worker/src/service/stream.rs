@@ -9,8 +9,10 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures::Stream;
+use orchard_common::metrics::WorkerMetrics;
 use orchard_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -69,6 +71,10 @@ pub struct GenerateStream {
     events: Option<mpsc::UnboundedReceiver<EngineEvent>>,
     guard: Option<InFlightGuard>,
     worker_id: Arc<str>,
+    /// Where the request's latencies and outcome are recorded for Prometheus.
+    metrics: Arc<WorkerMetrics>,
+    /// When the previous token chunk arrived, for inter-token latency.
+    last_token_at: Option<Instant>,
 }
 
 impl GenerateStream {
@@ -77,11 +83,14 @@ impl GenerateStream {
         events: mpsc::UnboundedReceiver<EngineEvent>,
         guard: InFlightGuard,
         worker_id: Arc<str>,
+        metrics: Arc<WorkerMetrics>,
     ) -> Self {
         Self {
             events: Some(events),
             guard: Some(guard),
             worker_id,
+            metrics,
+            last_token_at: None,
         }
     }
 
@@ -98,14 +107,25 @@ impl GenerateStream {
             .map(InFlightGuard::id)
             .unwrap_or_default();
         match event {
-            EngineEvent::Tokens(chunk) => Ok(convert::chunk_response(id, chunk)),
+            EngineEvent::Tokens(chunk) => {
+                if !chunk.token_ids.is_empty() {
+                    let now = Instant::now();
+                    if let Some(prev) = self.last_token_at.replace(now) {
+                        self.metrics.record_inter_token_latency(now - prev);
+                    }
+                }
+                Ok(convert::chunk_response(id, chunk))
+            }
             EngineEvent::Finished(done) => {
+                self.metrics
+                    .record_finished(&done.timings, &done.usage, done.reason);
                 let msg = convert::final_response(id, done, &self.worker_id);
                 self.finish();
                 Ok(msg)
             }
             EngineEvent::Failed(err) => {
                 tracing::warn!(request_id = id, error = %err, "request failed in the engine");
+                self.metrics.record_error(err.kind);
                 self.finish();
                 Err(err.into())
             }
@@ -141,6 +161,11 @@ mod tests {
     use super::*;
     use crate::engine::{Finished, TokenChunk};
 
+    fn test_metrics() -> anyhow::Result<Arc<WorkerMetrics>> {
+        let registry = orchard_common::metrics::Registry::new();
+        Ok(Arc::new(WorkerMetrics::new(&registry, "w")?))
+    }
+
     #[tokio::test]
     async fn ends_after_final_and_releases_the_id() -> anyhow::Result<()> {
         let in_flight = InFlight::default();
@@ -152,7 +177,7 @@ mod tests {
             "a live id cannot be claimed twice"
         );
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut stream = GenerateStream::new(rx, guard, Arc::from("w"));
+        let mut stream = GenerateStream::new(rx, guard, Arc::from("w"), test_metrics()?);
         tx.send(EngineEvent::Tokens(TokenChunk {
             token_ids: vec![5],
             text: "a".into(),
@@ -190,7 +215,7 @@ mod tests {
             .claim("r2")
             .ok_or_else(|| anyhow::anyhow!("claim"))?;
         let (tx, rx) = mpsc::unbounded_channel::<EngineEvent>();
-        let stream = GenerateStream::new(rx, guard, Arc::from("w"));
+        let stream = GenerateStream::new(rx, guard, Arc::from("w"), test_metrics()?);
         drop(stream);
         assert!(tx.is_closed());
         assert!(!in_flight.contains("r2"));
