@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use orchard_common::config::{self, LogFormat, RouterConfig};
+use orchard_common::config::{self, RouterConfig};
 
 /// Command line of the router process.
 #[derive(Debug, Parser)]
@@ -25,22 +25,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config: RouterConfig =
         config::load(args.config.as_deref()).context("loading the router config")?;
-    init_logging(&config);
+    // Logs (text or JSON) and, when `telemetry.otlp_endpoint` is set, OTLP traces; the guard
+    // flushes buffered spans when the router stops.
+    let _telemetry = orchard_common::telemetry::init(&config.telemetry, "orchard-router")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     orchard_router::run(config, listener, shutdown_signal()).await?;
     Ok(())
-}
-
-fn init_logging(config: &RouterConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.telemetry.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.telemetry.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM (systemd, launchd), whichever comes first.

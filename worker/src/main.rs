@@ -145,12 +145,10 @@ struct ServeArgs {
 /// Loads the config, binds `listen` and serves until Ctrl-C or SIGTERM.
 fn serve(config: Option<PathBuf>) -> Result<()> {
     let cfg: WorkerConfig = config::load(config.as_deref())?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(
-            &cfg.telemetry.log_level,
-        )?)
-        .init();
     tokio::runtime::Runtime::new()?.block_on(async move {
+        // Logs (text or JSON) and, when `telemetry.otlp_endpoint` is set, OTLP traces; the
+        // guard flushes buffered spans when the server stops.
+        let _telemetry = orchard_common::telemetry::init(&cfg.telemetry, "orchard-worker")?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;

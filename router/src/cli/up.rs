@@ -14,6 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use orchard_common::config::{
     EngineKind, HealthConfig, ModelConfig, RouterConfig, StaticWorker, WorkerConfig,
 };
+use orchard_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -44,6 +45,10 @@ pub struct UpArgs {
     /// Router address; when taken, a free loopback port is used instead.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Ask the cluster this (as a chat message) once it is up, print the streamed answer and
+    /// its timings, then stop the cluster: a one-command demo.
+    #[arg(long)]
+    pub ask: Option<String>,
 }
 
 /// A worker child process.
@@ -284,13 +289,67 @@ async fn serve_router(args: &UpArgs, dir: &Path, workers: &[WorkerProcess]) -> R
     println!("router listening on http://{addr}");
     println!("  try: orchard generate --router http://{addr} \"Tell me about apples\"");
     println!("Ctrl-C stops the cluster.");
+    let (demo_done, demo_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+        tokio::select! {
+            signal = tokio::signal::ctrl_c() => {
+                if signal.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = demo_rx => {}
         }
     };
-    orchard_router::run(config, listener, shutdown).await?;
+    let server = tokio::spawn(orchard_router::run(config, listener, shutdown));
+    let asked = match &args.ask {
+        Some(prompt) => {
+            let asked = ask(&format!("http://{addr}"), prompt).await;
+            let _ = demo_done.send(());
+            asked
+        }
+        None => Ok(()),
+    };
+    server.await??;
     eprintln!("stopping workers...");
+    asked
+}
+
+/// Sends one chat message through the router once it lists a model (its worker links have
+/// seen a healthy worker), streaming the answer to stdout and the timings to stderr.
+async fn ask(router: &str, prompt: &str) -> Result<()> {
+    use orchard_proto::v1::generate_request::Input;
+    let mut client = super::generate::connect(router).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let models = client.list_models(pb::ListModelsRequest {}).await;
+        if models.is_ok_and(|m| !m.into_inner().models.is_empty()) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the router saw no healthy worker within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("> {prompt}");
+    let request = pb::GenerateRequest {
+        input: Some(Input::Chat(pb::ChatMessages {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: prompt.to_string(),
+            }],
+        })),
+        sampling: Some(pb::SamplingParams::from(&orchard_common::SamplingParams {
+            temperature: 0.0,
+            max_tokens: 64,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let (_, final_info) = super::generate::stream_to_stdout(&mut client, request).await?;
+    println!();
+    if let Some(info) = final_info {
+        eprintln!("{}", super::generate::describe_final(&info));
+    }
     Ok(())
 }
 
