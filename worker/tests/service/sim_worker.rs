@@ -276,8 +276,13 @@ async fn eos_ends_a_request_with_stop() -> Result<()> {
     };
     let (tokens, info) = tokens_and_final(&generate_all(&mut client, request).await?)?;
     assert_eq!(info.finish_reason, pb::FinishReason::Stop as i32);
-    // Prompt positions 0..30, output positions 30..39; EOS is the token at position 40.
-    assert_eq!(tokens.len(), 10, "{tokens:?}");
+    // Prompt positions 0..30, output positions 30..40; the EOS token (position 40) is the
+    // last output token, counted like vLLM does (its text is not streamed).
+    assert_eq!(tokens.len(), 11, "{tokens:?}");
+    assert_eq!(
+        tokens.last(),
+        Some(&orchard_worker::sim::tokenizer::EOS_TOKEN_ID)
+    );
     Ok(())
 }
 

@@ -37,9 +37,8 @@ impl TestWorker {
         let task = tokio::spawn(server::run(config, listener, async {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await?;
+        // Lazy: a worker whose start-up fails may close its listener before any connect.
+        let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
         Ok(Self {
             addr,
             channel,
