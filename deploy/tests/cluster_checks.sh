@@ -46,7 +46,7 @@ engine_kind = "model"
 [model]
 path = "$model"
 [engine]
-kv_cache_mb = 128
+kv_cache_mb = 512
 [telemetry]
 metrics_listen = "127.0.0.1:$mport"
 TOML

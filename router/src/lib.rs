@@ -190,15 +190,76 @@ async fn start_side_servers(
     if let Some(addr) = config.telemetry.metrics_listen {
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "router serving /metrics");
-        let registry = router.registry();
+        let scrape = MetricsScrape {
+            registry: router.registry(),
+            metrics: router.metrics.clone(),
+            router: router.handle(),
+            known: Arc::default(),
+        };
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let scrape = scrape.clone();
+                async move { scrape.render().await }
+            }),
+        );
         let wait = stop.wait();
         servers.push(tokio::spawn(async move {
-            if let Err(e) = orchard_common::metrics::serve_metrics(listener, registry, wait).await {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(wait)
+                .await;
+            if let Err(e) = served {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         }));
     }
     Ok(servers)
+}
+
+/// What `/metrics` needs: the registry, plus the registry of workers to publish their state
+/// and in-flight gauges as of the scrape (and to drop the series of workers that left).
+#[derive(Clone)]
+struct MetricsScrape {
+    registry: Registry,
+    metrics: Arc<RouterMetrics>,
+    router: RouterHandle,
+    known: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl MetricsScrape {
+    async fn render(&self) -> (axum::http::StatusCode, String) {
+        match self.router.list_workers().await {
+            Ok(workers) => self.publish(&workers),
+            Err(e) => tracing::warn!(error = %e, "listing workers for /metrics"),
+        }
+        match orchard_common::metrics::render(&self.registry) {
+            Ok(text) => (axum::http::StatusCode::OK, text),
+            Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    fn publish(&self, workers: &[orchard_proto::v1::WorkerStatus]) {
+        use orchard_common::metrics::WorkerState;
+        use orchard_proto::v1::WorkerState as Pb;
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now: std::collections::HashSet<String> = workers.iter().map(|w| w.id.clone()).collect();
+        for gone in known.difference(&now) {
+            self.metrics.forget_worker(gone);
+        }
+        for w in workers {
+            let state = match w.state() {
+                Pb::Healthy => WorkerState::Healthy,
+                Pb::Draining => WorkerState::Draining,
+                Pb::Unhealthy | Pb::Connecting | Pb::Unspecified => WorkerState::Unhealthy,
+            };
+            self.metrics.set_worker_state(&w.id, state);
+            self.metrics.set_in_flight(&w.id, w.in_flight);
+        }
+        *known = now;
+    }
 }
 
 /// Reflection over Orchard's protos and grpc.health.v1, so grpcurl and generic clients can
