@@ -115,6 +115,15 @@ async fn batching_many_requests_does_not_change_outputs_and_frees_every_block() 
     let together = futures::future::try_join_all(runs).await?;
     assert!(together.iter().all(|(t, _)| t.len() == 10));
     assert_eq!(together[5].0, alone.0, "batching changed a greedy output");
+    // The gauges are published at the end of the step that sent the last Finished event, so
+    // poll (bounded) instead of reading once.
+    let idle = |l: &orchard_worker::engine::LoadSnapshot| {
+        (l.running, l.waiting, l.kv_blocks_used) == (0, 0, 0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !idle(&engine.load()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let load = engine.load();
     assert_eq!(
         (load.running, load.waiting, load.kv_blocks_used),
