@@ -14,6 +14,7 @@ use tokenizers::Tokenizer;
 
 use crate::model::ModelError;
 use crate::text::chat_template::ChatTemplate;
+use crate::text::gguf_tokenizer::special_added_token;
 
 /// Special tokens, in id order.
 const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -39,10 +40,7 @@ pub fn build_tokenizer() -> Result<Tokenizer, ModelError> {
     let added: Vec<Value> = SPECIAL_TOKENS
         .iter()
         .enumerate()
-        .map(|(id, content)| {
-            json!({"id": id, "content": content, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
+        .map(|(id, content)| special_added_token(id, content))
         .collect();
     let doc = json!({
         "version": "1.0",

@@ -50,6 +50,13 @@ pub fn chat_template(ct: &gguf_file::Content) -> Option<String> {
         .cloned()
 }
 
+/// One `added_tokens` entry of a `tokenizer.json` for a special (control) token, matched
+/// whole and never split; shared by every tokenizer Orchard builds in code.
+pub(crate) fn special_added_token(id: usize, content: &str) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+           "rstrip": false, "normalized": false, "special": true})
+}
+
 /// Builds the tokenizer described by the GGUF metadata.
 pub fn from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelError> {
     let kind = crate::model::config::metadata_string(ct, "tokenizer.ggml.model")?;
@@ -78,10 +85,7 @@ pub fn from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelError> {
         .iter()
         .enumerate()
         .filter(|(i, _)| types.get(*i) == Some(&TOKEN_TYPE_CONTROL))
-        .map(|(i, t)| {
-            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": true})
-        })
+        .map(|(i, t)| special_added_token(i, t))
         .collect();
     let doc = json!({
         "version": "1.0",
