@@ -27,7 +27,6 @@ pub fn load_model(cfg: &WorkerConfig) -> Result<(EngineParts, TextFrontend), Eng
             path.display()
         )));
     }
-    configure_threads(cfg.model.threads);
     let device = device(cfg.model.device)?;
     let loaded = gguf::load(&path, &device)?;
     let model_cfg = loaded.model.config().clone();
@@ -47,7 +46,7 @@ pub fn load_model(cfg: &WorkerConfig) -> Result<(EngineParts, TextFrontend), Eng
         .max_model_len
         .map_or(model_len, |l| l.min(model_len));
     let parts = EngineParts {
-        runner: Box::new(LlamaRunner::new(loaded.model, kv)),
+        runner: Box::new(LlamaRunner::new(loaded.model, kv, cfg.model.threads)?),
         tokenizer: Arc::clone(&tokenizer),
         eos_token_ids: special.eos.into_iter().collect(),
         config: cfg.engine.clone(),
@@ -72,19 +71,6 @@ fn model_name(cfg: &WorkerConfig, path: &std::path::Path) -> String {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     })
-}
-
-/// Sizes candle's rayon pool once per process; a pool already built (by an earlier engine in
-/// the same process) is kept.
-fn configure_threads(threads: Option<usize>) {
-    if let Some(n) = threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-        {
-            tracing::warn!(error = %e, "model.threads ignored: thread pool already built");
-        }
-    }
 }
 
 fn device(kind: DeviceKind) -> Result<Device, EngineError> {

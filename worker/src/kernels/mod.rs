@@ -16,7 +16,7 @@ use rayon::prelude::*;
 pub enum Isa {
     /// Portable Rust, any target.
     Scalar,
-    /// x86-64 with AVX2 and FMA.
+    /// x86-64 with AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     Avx2,
 }
@@ -25,7 +25,10 @@ impl Isa {
     /// The best instruction set this CPU supports (the answer is cached by `std`).
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -45,13 +48,31 @@ pub(crate) struct RowsJob {
 /// most a few KiB) stay in L1 while a task's weight rows stream past them.
 pub(crate) const TOKEN_TILE: usize = 16;
 
-/// Fills `out[t, n_out]` by calling `rows(row, tokens, out_row)` for every weight row and
-/// every tile of tokens, where `out_row[i]` receives the product of `row` with token
-/// `tokens.start + i`. Weight rows are spread over the rayon pool so each weight byte is read
+/// A block of a row-parallel product handed to one task: weight rows `rows` against tokens
+/// `tokens`. The task writes the product of row `r` and token `ti` at `index(r, ti)` of the
+/// slice it is given.
+#[derive(Debug, Clone)]
+pub(crate) struct Tile {
+    pub rows: std::ops::Range<usize>,
+    pub tokens: std::ops::Range<usize>,
+    /// Distance between consecutive rows in the task's output slice.
+    stride: usize,
+}
+
+impl Tile {
+    /// Where the product of weight row `r` and token `ti` goes in the task's output slice.
+    #[inline]
+    pub fn index(&self, r: usize, ti: usize) -> usize {
+        (r - self.rows.start) * self.stride + (ti - self.tokens.start)
+    }
+}
+
+/// Fills `out[t, n_out]` by calling `tile(tile, out)` for contiguous runs of weight rows and
+/// tiles of tokens. Weight rows are spread over the rayon pool so each weight byte is read
 /// from memory once per call, however many tokens the step holds.
-pub(crate) fn par_rows<F>(job: RowsJob, out: &mut [f32], rows: F)
+pub(crate) fn par_rows<F>(job: RowsJob, out: &mut [f32], tile: F)
 where
-    F: Fn(usize, std::ops::Range<usize>, &mut [f32]) + Sync,
+    F: Fn(Tile, &mut [f32]) + Sync,
 {
     let RowsJob { n_out, t, .. } = job;
     assert_eq!(out.len(), t * n_out, "par_rows: out length");
@@ -61,9 +82,16 @@ where
     let chunk = row_chunk(job);
     if t == 1 {
         out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
-            for (i, v) in o.chunks_exact_mut(1).enumerate() {
-                rows(ci * chunk + i, 0..1, v);
-            }
+            let r0 = ci * chunk;
+            let rows = r0..r0 + o.len();
+            tile(
+                Tile {
+                    rows,
+                    tokens: 0..1,
+                    stride: 1,
+                },
+                o,
+            );
         });
         return;
     }
@@ -72,17 +100,57 @@ where
     tmp.par_chunks_mut(chunk * t)
         .enumerate()
         .for_each(|(ci, o)| {
+            let r0 = ci * chunk;
+            let rows = r0..r0 + o.len() / t;
             for t0 in (0..t).step_by(TOKEN_TILE) {
                 let t1 = (t0 + TOKEN_TILE).min(t);
-                for (i, row) in o.chunks_exact_mut(t).enumerate() {
-                    rows(ci * chunk + i, t0..t1, &mut row[t0..t1]);
-                }
+                let tokens = t0..t1;
+                let stride = t;
+                let rows = rows.clone();
+                tile(
+                    Tile {
+                        rows,
+                        tokens,
+                        stride,
+                    },
+                    &mut o[t0..],
+                );
             }
         });
     for (r, row) in tmp.chunks_exact(t).enumerate() {
         for (ti, &v) in row.iter().enumerate() {
             out[ti * n_out + r] = v;
         }
+    }
+}
+
+/// Weight rows a SIMD kernel computes together: independent accumulator chains hide the FMA
+/// latency and each activation block is loaded once for all of them.
+pub(crate) const ROW_GROUP: usize = 4;
+
+/// Fills a tile's outputs: `group(r, ti)` gives rows `r..r + ROW_GROUP` against token `ti`,
+/// `one(r, ti)` a single row (the tile's last `< ROW_GROUP` rows). Both must compute each
+/// (row, token) with the same operations, so results do not depend on the grouping.
+pub(crate) fn fill_tile<G, O>(tile: &Tile, out: &mut [f32], group: G, one: O)
+where
+    G: Fn(usize, usize) -> [f32; ROW_GROUP],
+    O: Fn(usize, usize) -> f32,
+{
+    let mut r = tile.rows.start;
+    while r < tile.rows.end {
+        let n = ROW_GROUP.min(tile.rows.end - r);
+        for ti in tile.tokens.clone() {
+            if n == ROW_GROUP {
+                for (i, v) in group(r, ti).into_iter().enumerate() {
+                    out[tile.index(r + i, ti)] = v;
+                }
+            } else {
+                for i in 0..n {
+                    out[tile.index(r + i, ti)] = one(r + i, ti);
+                }
+            }
+        }
+        r += n;
     }
 }
 

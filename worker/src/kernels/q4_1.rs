@@ -2,39 +2,57 @@
 //!
 //! candle's `BlockQ4_1::vec_dot` is scalar on x86, which makes the default GGUF Q4_1 model
 //! decode several times slower than llama.cpp. This module repacks a Q4_1 weight matrix at load
-//! time into separate scale / min / nibble arrays and computes `x @ W^T` the way llama.cpp does:
-//! each activation row is quantized once per call to Q8_1 (per 32 values: scale `d_x`, int8
-//! values, and `s = d_x * sum(q)`), then every (weight row, block) contributes
-//! `d_w * d_x * dot(q4, q8) + m_w * s`.
+//! time and computes `x @ W^T` the way llama.cpp does: each activation row is quantized once per
+//! call to Q8_1 (per 32 values: scale `d_x`, int8 values, and `s = d_x * sum(q)`), then every
+//! (weight row, block) contributes `d_w * d_x * dot(q4, q8) + m_w * s`.
 //!
-//! The activation quantization mirrors candle's `BlockQ8_1::from_float` bit for bit (including
-//! the f16 rounding of `d` and `s`), so results match candle's `QMatMul` up to f32 summation
-//! order.
+//! The repacked layout is built for a memory-bound decode step, where every weight byte is read
+//! once per step:
+//! - nibbles of two consecutive blocks share 32 bytes (block `2p` in the low nibbles, `2p + 1`
+//!   in the high ones, each in natural order), so one 32-byte load and three ALU operations
+//!   unpack 64 weights;
+//! - scales and mins stay f16 (as in the file: 20 bytes per 32 weights) and are widened eight
+//!   blocks at a time with F16C, multiplied by the activation scales as one vector, and then
+//!   broadcast per block with a lane permute instead of scalar loads;
+//! - four weight rows run together against one activation row (four independent accumulator
+//!   chains hide the FMA latency, and the activation block is loaded once for all four).
+//!
+//! Every (weight row, token) result is computed by the same sequence of operations whatever
+//! the tile it falls in, so a token's logits do not depend on how many tokens share its step
+//! (batch invariance). The activation quantization mirrors candle's `BlockQ8_1::from_float`
+//! bit for bit (including the f16 rounding of `d` and `s`), so results match candle's
+//! `QMatMul` up to f32 summation order.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
-use super::{par_rows, Isa, RowsJob};
+use super::{fill_tile, par_rows, Isa, RowsJob, Tile};
 
 /// Number of weights in one Q4_1 / Q8_1 block.
 const QK: usize = 32;
 /// Bytes of one ggml `block_q4_1`: f16 d, f16 m, 16 bytes of nibbles.
 const BLOCK_BYTES: usize = 20;
+/// Blocks whose scales are widened and multiplied as one vector.
+const GROUP: usize = 8;
 
-/// A Q4_1 weight matrix `[n_out, k]` repacked for fast CPU matrix products.
-///
-/// Scales and mins are widened to f32 once at load time so the inner loop does no f16
-/// conversion, and nibbles are stored contiguously per row so one 16-byte load feeds one block.
+/// Scale slots per row: the block count rounded up to a whole group (padding is zero, so
+/// padded blocks contribute nothing and vector loads of scales never leave the row).
+fn padded_blocks(nb: usize) -> usize {
+    nb.div_ceil(GROUP) * GROUP
+}
+
+/// A Q4_1 weight matrix `[n_out, k]` repacked for fast CPU matrix products (layout in the
+/// module docs).
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
     n_out: usize,
     k: usize,
-    /// Per block scale, `[n_out * k/32]`.
-    d: Vec<f32>,
-    /// Per block min, `[n_out * k/32]`.
-    m: Vec<f32>,
-    /// Packed nibbles, `[n_out * k/32 * 16]`, ggml order (low nibble = weight j, high = j+16).
+    /// Per block scale, `[n_out * padded_blocks]`.
+    d: Vec<f16>,
+    /// Per block min, `[n_out * padded_blocks]`.
+    m: Vec<f16>,
+    /// Paired nibbles, `[n_out * ceil(nb / 2) * 32]`.
     qs: Vec<u8>,
 }
 
@@ -45,9 +63,9 @@ pub struct Q4_1Matrix {
 pub struct Q8_1Activations {
     t: usize,
     k: usize,
-    /// `[t * nb]` per-block scale.
+    /// `[t * padded_blocks]` per-block scale (zero padding).
     d: Vec<f32>,
-    /// `[t * nb]` per-block `d * sum(q)`.
+    /// `[t * padded_blocks]` per-block `d * sum(q)` (zero padding).
     s: Vec<f32>,
     /// `[t * k]` int8 values.
     q: Vec<i8>,
@@ -59,31 +77,29 @@ impl Q8_1Activations {
     pub fn quantize(x: &[f32], t: usize, k: usize) -> Self {
         assert_eq!(x.len(), t * k, "Q8_1Activations::quantize: x length");
         assert!(k.is_multiple_of(QK), "Q8_1Activations::quantize: k % 32");
-        let nb = k / QK;
+        let (nb, nbp) = (k / QK, padded_blocks(k / QK));
         let mut act = Self {
             t,
             k,
-            d: vec![0f32; t * nb],
-            s: vec![0f32; t * nb],
+            d: vec![0f32; t * nbp],
+            s: vec![0f32; t * nbp],
             q: vec![0i8; t * k],
         };
-        for (((xb, qb), d), s) in x
-            .chunks_exact(QK)
-            .zip(act.q.chunks_exact_mut(QK))
-            .zip(act.d.iter_mut())
-            .zip(act.s.iter_mut())
+        for (ti, (xr, qr)) in x
+            .chunks_exact(k.max(1))
+            .zip(act.q.chunks_exact_mut(k.max(1)))
+            .enumerate()
         {
-            let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let dx = amax / 127.0;
-            let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
+            let ds = &mut act.d[ti * nbp..ti * nbp + nb];
+            let ss = &mut act.s[ti * nbp..ti * nbp + nb];
+            for (((xb, qb), d), s) in xr
+                .chunks_exact(QK)
+                .zip(qr.chunks_exact_mut(QK))
+                .zip(ds.iter_mut())
+                .zip(ss.iter_mut())
+            {
+                (*d, *s) = quantize_block(xb, qb);
             }
-            let dh = f16::from_f32(dx);
-            *d = dh.to_f32();
-            *s = (f16::from_f32(sum as f32) * dh).to_f32();
         }
         act
     }
@@ -92,6 +108,29 @@ impl Q8_1Activations {
     pub fn rows(&self) -> usize {
         self.t
     }
+
+    fn row(&self, ti: usize) -> XRow<'_> {
+        let nbp = padded_blocks(self.k / QK);
+        XRow {
+            d: &self.d[ti * nbp..(ti + 1) * nbp],
+            s: &self.s[ti * nbp..(ti + 1) * nbp],
+            q: &self.q[ti * self.k..(ti + 1) * self.k],
+        }
+    }
+}
+
+/// One Q8_1 block: returns `(d, d * sum(q))` rounded through f16 like ggml.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, f32) {
+    let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let dx = amax / 127.0;
+    let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        *q = (v * id).round() as i8;
+        sum += *q as i32;
+    }
+    let dh = f16::from_f32(dx);
+    (dh.to_f32(), (f16::from_f32(sum as f32) * dh).to_f32())
 }
 
 impl Q4_1Matrix {
@@ -116,21 +155,30 @@ impl Q4_1Matrix {
         if !k.is_multiple_of(QK) {
             candle_core::bail!("Q4_1Matrix: k = {k} is not a multiple of {QK}");
         }
-        let nblocks = n_out * (k / QK);
-        if data.len() != nblocks * BLOCK_BYTES {
+        let nb = k / QK;
+        if data.len() != n_out * nb * BLOCK_BYTES {
             candle_core::bail!(
                 "Q4_1Matrix: {} bytes of data for shape [{n_out}, {k}], expected {}",
                 data.len(),
-                nblocks * BLOCK_BYTES
+                n_out * nb * BLOCK_BYTES
             );
         }
-        let mut d = Vec::with_capacity(nblocks);
-        let mut m = Vec::with_capacity(nblocks);
-        let mut qs = Vec::with_capacity(nblocks * QK / 2);
-        for block in data.chunks_exact(BLOCK_BYTES) {
-            d.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            m.push(f16::from_le_bytes([block[2], block[3]]).to_f32());
-            qs.extend_from_slice(&block[4..BLOCK_BYTES]);
+        let (nbp, row_q) = (padded_blocks(nb), nb.div_ceil(2) * 32);
+        let mut d = vec![f16::ZERO; n_out * nbp];
+        let mut m = vec![f16::ZERO; n_out * nbp];
+        let mut qs = vec![0u8; n_out * row_q];
+        for (r, row) in data.chunks_exact(nb * BLOCK_BYTES).enumerate() {
+            for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+                d[r * nbp + b] = f16::from_le_bytes([block[0], block[1]]);
+                m[r * nbp + b] = f16::from_le_bytes([block[2], block[3]]);
+                // ggml order: byte j holds weight j (low nibble) and weight j + 16 (high).
+                let shift = 4 * (b % 2);
+                let pair = &mut qs[r * row_q + (b / 2) * 32..][..32];
+                for (j, &byte) in block[4..].iter().enumerate() {
+                    pair[j] |= (byte & 0x0F) << shift;
+                    pair[j + 16] |= (byte >> 4) << shift;
+                }
+            }
         }
         Ok(Self { n_out, k, d, m, qs })
     }
@@ -216,6 +264,18 @@ impl Q4_1Matrix {
         self.matmul_q8_with(&act, out, kernel);
     }
 
+    /// Weight row `r`.
+    fn row(&self, r: usize) -> WRow<'_> {
+        let nb = self.k / QK;
+        let (nbp, row_q) = (padded_blocks(nb), nb.div_ceil(2) * 32);
+        WRow {
+            nb,
+            d: &self.d[r * nbp..(r + 1) * nbp],
+            m: &self.m[r * nbp..(r + 1) * nbp],
+            q: &self.qs[r * row_q..(r + 1) * row_q],
+        }
+    }
+
     fn matmul_q8_with(&self, act: &Q8_1Activations, out: &mut [f32], kernel: Kernel) {
         assert_eq!(act.k, self.k, "Q4_1Matrix::matmul: activation k");
         let nb = self.k / QK;
@@ -224,39 +284,36 @@ impl Q4_1Matrix {
             t: act.t,
             row_bytes: nb * BLOCK_BYTES,
         };
-        par_rows(job, out, |r, tokens, o| {
-            let w = WRow {
-                d: &self.d[r * nb..(r + 1) * nb],
-                m: &self.m[r * nb..(r + 1) * nb],
-                q: &self.qs[r * nb * 16..(r + 1) * nb * 16],
-            };
-            let x = |ti: usize| XRow {
-                d: &act.d[ti * nb..(ti + 1) * nb],
-                s: &act.s[ti * nb..(ti + 1) * nb],
-                q: &act.q[ti * self.k..(ti + 1) * self.k],
-            };
-            let mut ti = tokens.start;
-            for o4 in o.chunks_exact_mut(4) {
-                o4.copy_from_slice(&kernel.dot4_q4_1(w, [x(ti), x(ti + 1), x(ti + 2), x(ti + 3)]));
-                ti += 4;
-            }
-            for v in o.chunks_exact_mut(4).into_remainder() {
-                *v = kernel.dot_q4_1(w, x(ti));
-                ti += 1;
-            }
+        par_rows(job, out, |tile: Tile, o: &mut [f32]| {
+            fill_tile(
+                &tile,
+                o,
+                |r, ti| {
+                    let w = [
+                        self.row(r),
+                        self.row(r + 1),
+                        self.row(r + 2),
+                        self.row(r + 3),
+                    ];
+                    kernel.dot_rows(w, act.row(ti))
+                },
+                |r, ti| kernel.dot_rows([self.row(r)], act.row(ti))[0],
+            )
         });
     }
 }
 
-/// One weight row: per-block scales and mins, and its nibbles.
+/// One weight row: scales and mins (padded to whole groups) and its paired nibbles.
 #[derive(Clone, Copy)]
 struct WRow<'a> {
-    d: &'a [f32],
-    m: &'a [f32],
+    nb: usize,
+    d: &'a [f16],
+    m: &'a [f16],
     q: &'a [u8],
 }
 
-/// One quantized activation row: per-block scales, `d * sum(q)`, and its int8 values.
+/// One quantized activation row: per-block scales, `d * sum(q)` (both padded like the
+/// weights), and its int8 values.
 #[derive(Clone, Copy)]
 struct XRow<'a> {
     d: &'a [f32],
@@ -267,12 +324,13 @@ struct XRow<'a> {
 impl XRow<'_> {
     /// Whether this row's lengths fit weight row `w` (what the SIMD code relies on).
     fn fits(&self, w: &WRow<'_>) -> bool {
-        let nb = w.d.len();
-        w.m.len() == nb
-            && w.q.len() == nb * 16
-            && self.d.len() == nb
-            && self.s.len() == nb
-            && self.q.len() == nb * QK
+        let nbp = padded_blocks(w.nb);
+        w.d.len() == nbp
+            && w.m.len() == nbp
+            && w.q.len() == w.nb.div_ceil(2) * 32
+            && self.d.len() == nbp
+            && self.s.len() == nbp
+            && self.q.len() == w.nb * QK
     }
 }
 
@@ -280,73 +338,51 @@ impl XRow<'_> {
 type Kernel = Isa;
 
 impl Isa {
+    /// Dot products of `R` weight rows with one activation row.
     #[inline]
-    fn dot_q4_1(self, w: WRow<'_>, x: XRow<'_>) -> f32 {
-        assert!(x.fits(&w), "Q4_1 dot: mismatched row lengths");
-        match self {
-            Kernel::Scalar => dot_scalar(w, x),
-            // SAFETY: `Avx2` is only constructed after runtime detection of avx2 and fma, and
-            // the row lengths were checked above.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot(w, x) },
-        }
-    }
-
-    /// One weight row against four activation rows: the nibbles are unpacked once.
-    #[inline]
-    fn dot4_q4_1(self, w: WRow<'_>, xs: [XRow<'_>; 4]) -> [f32; 4] {
+    fn dot_rows<const R: usize>(self, w: [WRow<'_>; R], x: XRow<'_>) -> [f32; R] {
         assert!(
-            xs.iter().all(|x| x.fits(&w)),
-            "Q4_1 dot4: mismatched row lengths"
+            w.iter().all(|w| x.fits(w) && w.nb == x.q.len() / QK),
+            "Q4_1 dot: mismatched row lengths"
         );
         match self {
-            Kernel::Scalar => xs.map(|x| dot_scalar(w, x)),
-            // SAFETY: as in `dot_q4_1`; every row's lengths were checked above.
+            Kernel::Scalar => w.map(|w| dot_scalar(w, x)),
+            // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma (and
+            // f16c, which every AVX2 CPU has; checked by `Isa::detect`); every row's lengths
+            // were checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot4(w, xs) },
+            Kernel::Avx2 => unsafe { avx2::dot_rows(w, x) },
         }
     }
+}
+
+/// The 4-bit value of weight `j` of block `b` in a paired-nibble row.
+fn nibble(q: &[u8], b: usize, j: usize) -> i32 {
+    let byte = q[(b / 2) * 32 + j];
+    i32::from(if b % 2 == 0 { byte & 0x0F } else { byte >> 4 })
 }
 
 /// Portable Q4_1 · Q8_1 row dot product.
 fn dot_scalar(w: WRow<'_>, x: XRow<'_>) -> f32 {
     let mut acc = 0f32;
-    for b in 0..w.d.len() {
-        let q4 = &w.q[b * 16..(b + 1) * 16];
+    for b in 0..w.nb {
         let q8 = &x.q[b * QK..(b + 1) * QK];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let lo = (q4[j] & 0x0F) as i32;
-            let hi = (q4[j] >> 4) as i32;
-            sumi += lo * q8[j] as i32 + hi * q8[j + 16] as i32;
-        }
-        acc += sumi as f32 * w.d[b] * x.d[b] + w.m[b] * x.s[b];
+        let sumi: i32 = (0..QK).map(|j| nibble(w.q, b, j) * i32::from(q8[j])).sum();
+        acc += sumi as f32 * w.d[b].to_f32() * x.d[b] + w.m[b].to_f32() * x.s[b];
     }
     acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{WRow, XRow, QK};
+    use super::{WRow, XRow, GROUP, QK};
     use std::arch::x86_64::*;
-
-    /// Expands 16 bytes of nibbles into 32 unsigned bytes in ggml order (low nibbles first).
-    ///
-    /// SAFETY: caller must ensure avx2 is available and `p` points at 16 readable bytes.
-    #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        let v = _mm_loadu_si128(p as *const __m128i);
-        let hi = _mm_srli_epi16(v, 4);
-        let both = _mm256_set_m128i(hi, v);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-    }
 
     /// Integer dot of one block (32 unpacked u4 × 32 i8) as 8 f32 lanes.
     ///
-    /// SAFETY: caller ensures avx2 and 32 readable bytes at `x`.
+    /// SAFETY: caller ensures avx2.
     #[inline(always)]
-    unsafe fn block_dot(wv: __m256i, x: *const i8) -> __m256 {
-        let xv = _mm256_loadu_si256(x as *const __m256i);
+    unsafe fn block_dot(wv: __m256i, xv: __m256i) -> __m256 {
         // u8 (0..15) × i8 pairs summed into i16: at most 2*15*128 < 32767, no saturation.
         let p16 = _mm256_maddubs_epi16(wv, xv);
         let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
@@ -361,47 +397,71 @@ mod avx2 {
         _mm_cvtss_f32(s1)
     }
 
-    /// AVX2 + FMA Q4_1 · Q8_1 row dot product. Same operation order as [`dot4`], so a token's
-    /// result does not depend on how many tokens share its step (batch invariance).
+    /// Eight f16 values widened to f32.
     ///
-    /// SAFETY: caller must ensure avx2 and fma are available and `x.fits(&w)`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(w: WRow<'_>, x: XRow<'_>) -> f32 {
-        let (wqp, xqp) = (w.q.as_ptr(), x.q.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        let mut macc = 0f32;
-        for b in 0..w.d.len() {
-            let f = block_dot(nibbles(wqp.add(b * 16)), xqp.add(b * QK));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d[b] * x.d[b]), f, acc);
-            macc += w.m[b] * x.s[b];
-        }
-        hsum(acc) + macc
+    /// SAFETY: caller ensures f16c and 8 readable values at `p`.
+    #[inline(always)]
+    unsafe fn widen(p: *const half::f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    /// One weight row against four activation rows.
+    /// Dot products of `R` weight rows with one activation row. Each row's accumulator sees
+    /// the same operations in the same order for any `R`: per group of eight blocks, the mins
+    /// term `m_w * s_x` (one vector FMA), then each block's scaled integer dot in block order.
     ///
-    /// SAFETY: caller must ensure avx2 and fma are available and every `x.fits(&w)`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot4(w: WRow<'_>, xs: [XRow<'_>; 4]) -> [f32; 4] {
-        let nb = w.d.len();
-        let wqp = w.q.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut macc = [0f32; 4];
-        for b in 0..nb {
-            let wv = nibbles(wqp.add(b * 16));
-            let (wd, wm) = (w.d[b], w.m[b]);
-            for (j, x) in xs.iter().enumerate() {
-                let f = block_dot(wv, x.q.as_ptr().add(b * QK));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * x.d[b]), f, acc[j]);
-                macc[j] += wm * x.s[b];
+    /// The group's eight `d_w * d_x` products are computed as one vector and parked on the
+    /// stack, so each block's scale is a broadcast load rather than ALU work.
+    ///
+    /// SAFETY: caller must ensure avx2, fma and f16c are available and every `x.fits(&w)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows<const R: usize>(w: [WRow<'_>; R], x: XRow<'_>) -> [f32; R] {
+        let nb = x.q.len() / QK;
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut scale = [[0f32; GROUP]; R];
+        let xq = x.q.as_ptr();
+        let (wq, wd, wm) = (
+            w.map(|w| w.q.as_ptr()),
+            w.map(|w| w.d.as_ptr()),
+            w.map(|w| w.m.as_ptr()),
+        );
+        for g in (0..nb).step_by(GROUP) {
+            let dx = _mm256_loadu_ps(x.d.as_ptr().add(g));
+            let sx = _mm256_loadu_ps(x.s.as_ptr().add(g));
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(widen(wm[r].add(g)), sx, acc[r]);
+                let sc = _mm256_mul_ps(widen(wd[r].add(g)), dx);
+                _mm256_storeu_ps(scale[r].as_mut_ptr(), sc);
+            }
+            let end = (g + GROUP).min(nb);
+            let mut b = g;
+            while b + 2 <= end {
+                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xq.add((b + 1) * QK) as *const __m256i);
+                for r in 0..R {
+                    let v = _mm256_loadu_si256(wq[r].add(b * 16) as *const __m256i);
+                    let f0 = block_dot(_mm256_and_si256(v, mask), x0);
+                    let s0 = _mm256_broadcast_ss(&scale[r][b - g]);
+                    acc[r] = _mm256_fmadd_ps(f0, s0, acc[r]);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    let f1 = block_dot(hi, x1);
+                    let s1 = _mm256_broadcast_ss(&scale[r][b + 1 - g]);
+                    acc[r] = _mm256_fmadd_ps(f1, s1, acc[r]);
+                }
+                b += 2;
+            }
+            if b < end {
+                // Odd block count: the last block sits alone in the low nibbles of its pair.
+                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                for r in 0..R {
+                    let v = _mm256_loadu_si256(wq[r].add(b * 16) as *const __m256i);
+                    let f0 = block_dot(_mm256_and_si256(v, mask), x0);
+                    let s0 = _mm256_broadcast_ss(&scale[r][b - g]);
+                    acc[r] = _mm256_fmadd_ps(f0, s0, acc[r]);
+                }
             }
         }
-        [
-            hsum(acc[0]) + macc[0],
-            hsum(acc[1]) + macc[1],
-            hsum(acc[2]) + macc[2],
-            hsum(acc[3]) + macc[3],
-        ]
+        acc.map(|a| hsum(a))
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
 
-use super::{par_rows, Isa, RowsJob};
+use super::{fill_tile, par_rows, Isa, RowsJob, Tile};
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -118,19 +118,36 @@ impl Q8_0Matrix {
             t: act.t,
             row_bytes: nb * BLOCK_BYTES,
         };
-        par_rows(job, out, |r, tokens, o| {
-            let w = (&self.d[r * nb..(r + 1) * nb], &self.q[r * k..(r + 1) * k]);
-            for (ti, v) in tokens.zip(o.iter_mut()) {
-                let x = (&act.d[ti * nb..(ti + 1) * nb], &act.q[ti * k..(ti + 1) * k]);
-                *v = match isa {
-                    Isa::Scalar => dot_scalar(w, x),
-                    // SAFETY: `Avx2` only comes from runtime detection; the slices above have
-                    // matching lengths (nb scales, 32 * nb values each).
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { avx2::dot(w, x) },
-                };
-            }
+        let row = |r: usize| (&self.d[r * nb..(r + 1) * nb], &self.q[r * k..(r + 1) * k]);
+        let x = |ti: usize| (&act.d[ti * nb..(ti + 1) * nb], &act.q[ti * k..(ti + 1) * k]);
+        par_rows(job, out, |tile: Tile, o: &mut [f32]| {
+            fill_tile(
+                &tile,
+                o,
+                |r, ti| isa.dot_rows_q8_0([row(r), row(r + 1), row(r + 2), row(r + 3)], x(ti)),
+                |r, ti| isa.dot_rows_q8_0([row(r)], x(ti))[0],
+            )
         });
+    }
+}
+
+/// One row: per-block scales and int8 values.
+type Row<'a> = (&'a [f32], &'a [i8]);
+
+impl Isa {
+    /// Dot products of `R` weight rows with one activation row.
+    fn dot_rows_q8_0<const R: usize>(self, w: [Row<'_>; R], x: Row<'_>) -> [f32; R] {
+        let nb = x.0.len();
+        assert!(
+            x.1.len() == nb * QK && w.iter().all(|w| w.0.len() == nb && w.1.len() == nb * QK),
+            "Q8_0 dot: mismatched row lengths"
+        );
+        match self {
+            Isa::Scalar => w.map(|w| dot_scalar(w, x)),
+            // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::dot_rows(w, x) },
+        }
     }
 }
 
@@ -150,35 +167,40 @@ fn dot_scalar((wd, wq): (&[f32], &[i8]), (xd, xq): (&[f32], &[i8])) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::QK;
+    use super::{Row, QK};
     use std::arch::x86_64::*;
 
-    /// AVX2 + FMA Q8_0 · Q8_0 row dot product.
+    /// AVX2 + FMA dot products of `R` Q8_0 weight rows with one Q8_0 activation row; each
+    /// row's accumulator sees the same operations whatever `R` is.
     ///
-    /// SAFETY: caller ensures avx2 and fma, `xd.len() == wd.len()` and both int8 slices hold
-    /// `32 * wd.len()` values.
+    /// SAFETY: caller ensures avx2 and fma, and that every row has `x.0.len()` scales and
+    /// `32 * x.0.len()` values, like `x`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot((wd, wq): (&[f32], &[i8]), (xd, xq): (&[f32], &[i8])) -> f32 {
-        debug_assert_eq!(xd.len(), wd.len());
-        debug_assert_eq!(wq.len(), wd.len() * QK);
-        debug_assert_eq!(xq.len(), wd.len() * QK);
-        let (wp, xp) = (wq.as_ptr(), xq.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..wd.len() {
-            let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-            let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-            // maddubs wants unsigned × signed: move w's sign onto x.
-            let aw = _mm256_sign_epi8(w, w);
-            let sx = _mm256_sign_epi8(x, w);
-            let p16 = _mm256_maddubs_epi16(aw, sx);
-            let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-            let f = _mm256_cvtepi32_ps(p32);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(wd[b] * xd[b]), f, acc);
+    pub(super) unsafe fn dot_rows<const R: usize>(w: [Row<'_>; R], x: Row<'_>) -> [f32; R] {
+        let (xd, xq) = x;
+        let (wd, wq) = (w.map(|w| w.0.as_ptr()), w.map(|w| w.1.as_ptr()));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..xd.len() {
+            let xv = _mm256_loadu_si256(xq.as_ptr().add(b * QK) as *const __m256i);
+            let dx = *xd.get_unchecked(b);
+            for r in 0..R {
+                let wv = _mm256_loadu_si256(wq[r].add(b * QK) as *const __m256i);
+                // maddubs wants unsigned × signed: move w's sign onto x.
+                let aw = _mm256_sign_epi8(wv, wv);
+                let sx = _mm256_sign_epi8(xv, wv);
+                let p16 = _mm256_maddubs_epi16(aw, sx);
+                let p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+                let f = _mm256_cvtepi32_ps(p32);
+                let scale = _mm256_set1_ps(*wd[r].add(b) * dx);
+                acc[r] = _mm256_fmadd_ps(scale, f, acc[r]);
+            }
         }
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1)
+        acc.map(|a| {
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+            _mm_cvtss_f32(s1)
+        })
     }
 }
 

@@ -31,6 +31,67 @@ pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `n` rows of a head's K or V inside a block of the KV store: row `j` is
+/// `data[j * stride + offset..][..d]` (the store keeps all KV heads of a slot side by side).
+#[derive(Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub offset: usize,
+    pub n: usize,
+}
+
+impl HeadRows<'_> {
+    /// Whether every row `offset..offset + d` lies inside `data`.
+    fn fits(&self, d: usize) -> bool {
+        self.offset + d <= self.stride
+            && (self.n == 0 || (self.n - 1) * self.stride + self.offset + d <= self.data.len())
+    }
+
+    fn row(&self, j: usize, d: usize) -> &[f32] {
+        &self.data[j * self.stride + self.offset..][..d]
+    }
+}
+
+/// Attention scores of one query head against one block: `out[j] = scale * q · k_j`, with the
+/// same arithmetic as [`dot`] for each row.
+pub fn scores(isa: Isa, q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    assert!(keys.fits(d) && out.len() >= keys.n, "scores: lengths");
+    match isa {
+        Isa::Scalar => {
+            for (j, o) in out[..keys.n].iter_mut().enumerate() {
+                *o = dot_scalar(q, keys.row(j, d)) * scale;
+            }
+        }
+        // SAFETY: `Avx2` only comes from runtime detection; every row checked by `fits`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::scores(q, keys, scale, out) },
+    }
+}
+
+/// `y += sum_j p[j] * v_j` over one block's value rows, element by element in `j` order (the
+/// same operations as one [`axpy`] per row).
+pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
+    let d = y.len();
+    assert!(
+        values.fits(d) && p.len() >= values.n,
+        "weighted_sum: lengths"
+    );
+    match isa {
+        Isa::Scalar => {
+            for (j, &a) in p[..values.n].iter().enumerate() {
+                y.iter_mut()
+                    .zip(values.row(j, d))
+                    .for_each(|(y, &x)| *y += a * x);
+            }
+        }
+        // SAFETY: `Avx2` only comes from runtime detection; every row checked by `fits`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::weighted_sum(y, p, values) },
+    }
+}
+
 fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums so the compiler can vectorize without reassociating.
     let mut acc = [0f32; 8];
@@ -71,6 +132,7 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::HeadRows;
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -102,6 +164,42 @@ mod avx2 {
             i += 1;
         }
         sum
+    }
+
+    /// SAFETY: avx2 and fma available; `keys.fits(q.len())`, `out.len() >= keys.n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores(q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        for (j, o) in out[..keys.n].iter_mut().enumerate() {
+            let k = std::slice::from_raw_parts(
+                keys.data.as_ptr().add(j * keys.stride + keys.offset),
+                d,
+            );
+            *o = dot(q, k) * scale;
+        }
+    }
+
+    /// SAFETY: avx2 and fma available; `values.fits(y.len())`, `p.len() >= values.n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sum(y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
+        let d = y.len();
+        let (yp, base) = (y.as_mut_ptr(), values.data.as_ptr().add(values.offset));
+        let mut i = 0;
+        while i + 8 <= d {
+            let mut acc = _mm256_loadu_ps(yp.add(i));
+            for (j, &a) in p[..values.n].iter().enumerate() {
+                let x = _mm256_loadu_ps(base.add(j * values.stride + i));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(a), x, acc);
+            }
+            _mm256_storeu_ps(yp.add(i), acc);
+            i += 8;
+        }
+        while i < d {
+            for (j, &a) in p[..values.n].iter().enumerate() {
+                *yp.add(i) += a * *base.add(j * values.stride + i);
+            }
+            i += 1;
+        }
     }
 
     /// SAFETY: avx2 and fma available; `y.len() == x.len()`.

@@ -129,12 +129,16 @@ fn attend_token(
                 break;
             }
             let n = bs.min(token.ctx - first);
-            let base = block as usize * bs;
-            for j in 0..n {
-                let k = &kv.key(layer, base + j)[g * d..(g + 1) * d];
-                for h in 0..group {
-                    scores[h * bs + j] = vec::dot(isa, &qs[h * d..(h + 1) * d], k) * scale;
-                }
+            let (keys, values) = kv.rows(layer, block as usize * bs, n);
+            let rows = |data| vec::HeadRows {
+                data,
+                stride: heads.num_kv_heads * d,
+                offset: g * d,
+                n,
+            };
+            for h in 0..group {
+                let s = &mut scores[h * bs..h * bs + n];
+                vec::scores(isa, &qs[h * d..(h + 1) * d], rows(keys), scale, s);
             }
             for (h, st) in state.iter_mut().enumerate() {
                 let s = &mut scores[h * bs..h * bs + n];
@@ -147,16 +151,11 @@ fn attend_token(
                     st.sum *= c;
                 }
                 st.max = new_max;
-                for (j, x) in s.iter().enumerate() {
-                    let p = (x - new_max).exp();
-                    st.sum += p;
-                    vec::axpy(
-                        isa,
-                        acc_h,
-                        p,
-                        &kv.value(layer, base + j)[g * d..(g + 1) * d],
-                    );
+                for x in s.iter_mut() {
+                    *x = (*x - new_max).exp();
+                    st.sum += *x;
                 }
+                vec::weighted_sum(isa, acc_h, s, rows(values));
             }
         }
         for (h, st) in state.iter().enumerate() {

@@ -79,6 +79,15 @@ impl KvStore {
         &self.values[layer][slot * d..(slot + 1) * d]
     }
 
+    /// The K and V rows of `n` consecutive slots from `first` (one block's worth), each
+    /// `kv_dim` floats, row after row.
+    #[inline]
+    pub fn rows(&self, layer: usize, first: usize, n: usize) -> (&[f32], &[f32]) {
+        let d = self.cfg.kv_dim;
+        let span = first * d..(first + n) * d;
+        (&self.keys[layer][span.clone()], &self.values[layer][span])
+    }
+
     /// Slot index of the `pos`-th token of a sequence with this block table.
     pub fn slot_of(&self, block_table: &[u32], pos: usize) -> Option<usize> {
         let bs = self.cfg.block_size;
