@@ -27,7 +27,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
-use super::{fill_tile, par_rows, Isa, RowsJob, Tile};
+use super::{par_rows, Isa, RowsJob, Tile, ROW_GROUP};
 
 /// Number of weights in one Q4_1 / Q8_1 block.
 const QK: usize = 32;
@@ -285,22 +285,51 @@ impl Q4_1Matrix {
             row_bytes: nb * BLOCK_BYTES,
         };
         par_rows(job, out, |tile: Tile, o: &mut [f32]| {
-            fill_tile(
-                &tile,
-                o,
-                |r, ti| {
-                    let w = [
-                        self.row(r),
-                        self.row(r + 1),
-                        self.row(r + 2),
-                        self.row(r + 3),
-                    ];
-                    kernel.dot_rows(w, act.row(ti))
-                },
-                |r, ti| kernel.dot_rows([self.row(r)], act.row(ti))[0],
-            )
+            let mut r = tile.rows.start;
+            while r < tile.rows.end {
+                let full_rows = tile.rows.end - r >= ROW_GROUP;
+                let mut ti = tile.tokens.start;
+                while ti < tile.tokens.end {
+                    let pair = tile.tokens.end - ti >= 2;
+                    let at = Place { r, ti, tile: &tile };
+                    match (full_rows, pair) {
+                        (true, true) => self.tile_into::<ROW_GROUP, 2>(kernel, act, at, o),
+                        (true, false) => self.tile_into::<ROW_GROUP, 1>(kernel, act, at, o),
+                        (false, true) => self.tile_into::<1, 2>(kernel, act, at, o),
+                        (false, false) => self.tile_into::<1, 1>(kernel, act, at, o),
+                    }
+                    ti += if pair { 2 } else { 1 };
+                }
+                r += if full_rows { ROW_GROUP } else { 1 };
+            }
         });
     }
+
+    /// Computes rows `at.r..at.r + R` against tokens `at.ti..at.ti + C` into the task's
+    /// output slice.
+    fn tile_into<const R: usize, const C: usize>(
+        &self,
+        kernel: Kernel,
+        act: &Q8_1Activations,
+        at: Place<'_>,
+        o: &mut [f32],
+    ) {
+        let w: [WRow<'_>; R] = std::array::from_fn(|i| self.row(at.r + i));
+        let x: [XRow<'_>; C] = std::array::from_fn(|j| act.row(at.ti + j));
+        for (i, row) in kernel.dot_tile(w, x).iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                o[at.tile.index(at.r + i, at.ti + j)] = v;
+            }
+        }
+    }
+}
+
+/// The first weight row and token of a kernel call inside a task's tile.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    r: usize,
+    ti: usize,
+    tile: &'a Tile,
 }
 
 /// One weight row: scales and mins (padded to whole groups) and its paired nibbles.
@@ -338,20 +367,24 @@ impl XRow<'_> {
 type Kernel = Isa;
 
 impl Isa {
-    /// Dot products of `R` weight rows with one activation row.
+    /// Dot products of `R` weight rows with `C` activation rows.
     #[inline]
-    fn dot_rows<const R: usize>(self, w: [WRow<'_>; R], x: XRow<'_>) -> [f32; R] {
+    fn dot_tile<const R: usize, const C: usize>(
+        self,
+        w: [WRow<'_>; R],
+        x: [XRow<'_>; C],
+    ) -> [[f32; C]; R] {
         assert!(
-            w.iter().all(|w| x.fits(w) && w.nb == x.q.len() / QK),
+            w.iter()
+                .all(|w| x.iter().all(|x| x.fits(w) && w.nb == x.q.len() / QK)),
             "Q4_1 dot: mismatched row lengths"
         );
         match self {
-            Kernel::Scalar => w.map(|w| dot_scalar(w, x)),
-            // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma (and
-            // f16c, which every AVX2 CPU has; checked by `Isa::detect`); every row's lengths
-            // were checked above.
+            Kernel::Scalar => w.map(|w| x.map(|x| dot_scalar(w, x))),
+            // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma and
+            // f16c; every row's lengths were checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot_rows(w, x) },
+            Kernel::Avx2 => unsafe { avx2::dot_tile(w, x) },
         }
     }
 }
@@ -405,63 +438,68 @@ mod avx2 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
-    /// Dot products of `R` weight rows with one activation row. Each row's accumulator sees
-    /// the same operations in the same order for any `R`: per group of eight blocks, the mins
-    /// term `m_w * s_x` (one vector FMA), then each block's scaled integer dot in block order.
+    /// Dot products of `R` weight rows with `C` activation rows. Each (row, token)
+    /// accumulator sees the same operations in the same order for any `R` and `C`: per group
+    /// of eight blocks, the mins term `m_w * s_x` (one vector FMA), then each block's scaled
+    /// integer dot in block order. A row's nibbles are unpacked once for all `C` tokens and a
+    /// token's blocks are loaded once for all `R` rows.
     ///
     /// The group's eight `d_w * d_x` products are computed as one vector and parked on the
     /// stack, so each block's scale is a broadcast load rather than ALU work.
     ///
     /// SAFETY: caller must ensure avx2, fma and f16c are available and every `x.fits(&w)`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows<const R: usize>(w: [WRow<'_>; R], x: XRow<'_>) -> [f32; R] {
-        let nb = x.q.len() / QK;
+    pub(super) unsafe fn dot_tile<const R: usize, const C: usize>(
+        w: [WRow<'_>; R],
+        x: [XRow<'_>; C],
+    ) -> [[f32; C]; R] {
+        let nb = w[0].nb;
         let mask = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut scale = [[0f32; GROUP]; R];
-        let xq = x.q.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut scale = [[[0f32; GROUP]; C]; R];
+        let xq = x.map(|x| x.q.as_ptr());
         let (wq, wd, wm) = (
             w.map(|w| w.q.as_ptr()),
             w.map(|w| w.d.as_ptr()),
             w.map(|w| w.m.as_ptr()),
         );
         for g in (0..nb).step_by(GROUP) {
-            let dx = _mm256_loadu_ps(x.d.as_ptr().add(g));
-            let sx = _mm256_loadu_ps(x.s.as_ptr().add(g));
-            for r in 0..R {
-                acc[r] = _mm256_fmadd_ps(widen(wm[r].add(g)), sx, acc[r]);
-                let sc = _mm256_mul_ps(widen(wd[r].add(g)), dx);
-                _mm256_storeu_ps(scale[r].as_mut_ptr(), sc);
+            for c in 0..C {
+                let dx = _mm256_loadu_ps(x[c].d.as_ptr().add(g));
+                let sx = _mm256_loadu_ps(x[c].s.as_ptr().add(g));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(widen(wm[r].add(g)), sx, acc[r][c]);
+                    let sc = _mm256_mul_ps(widen(wd[r].add(g)), dx);
+                    _mm256_storeu_ps(scale[r][c].as_mut_ptr(), sc);
+                }
             }
             let end = (g + GROUP).min(nb);
             let mut b = g;
-            while b + 2 <= end {
-                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                let x1 = _mm256_loadu_si256(xq.add((b + 1) * QK) as *const __m256i);
+            while b < end {
+                // The last block of an odd count sits alone in the low nibbles of its pair.
+                let two = b + 1 < end;
+                let x0 = xq.map(|p| _mm256_loadu_si256(p.add(b * QK) as *const __m256i));
+                let x1 = match two {
+                    true => xq.map(|p| _mm256_loadu_si256(p.add((b + 1) * QK) as *const __m256i)),
+                    false => [_mm256_setzero_si256(); C],
+                };
                 for r in 0..R {
                     let v = _mm256_loadu_si256(wq[r].add(b * 16) as *const __m256i);
-                    let f0 = block_dot(_mm256_and_si256(v, mask), x0);
-                    let s0 = _mm256_broadcast_ss(&scale[r][b - g]);
-                    acc[r] = _mm256_fmadd_ps(f0, s0, acc[r]);
+                    let lo = _mm256_and_si256(v, mask);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    let f1 = block_dot(hi, x1);
-                    let s1 = _mm256_broadcast_ss(&scale[r][b + 1 - g]);
-                    acc[r] = _mm256_fmadd_ps(f1, s1, acc[r]);
+                    for c in 0..C {
+                        let s0 = _mm256_broadcast_ss(&scale[r][c][b - g]);
+                        acc[r][c] = _mm256_fmadd_ps(block_dot(lo, x0[c]), s0, acc[r][c]);
+                        if two {
+                            let s1 = _mm256_broadcast_ss(&scale[r][c][b + 1 - g]);
+                            acc[r][c] = _mm256_fmadd_ps(block_dot(hi, x1[c]), s1, acc[r][c]);
+                        }
+                    }
                 }
                 b += 2;
             }
-            if b < end {
-                // Odd block count: the last block sits alone in the low nibbles of its pair.
-                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                for r in 0..R {
-                    let v = _mm256_loadu_si256(wq[r].add(b * 16) as *const __m256i);
-                    let f0 = block_dot(_mm256_and_si256(v, mask), x0);
-                    let s0 = _mm256_broadcast_ss(&scale[r][b - g]);
-                    acc[r] = _mm256_fmadd_ps(f0, s0, acc[r]);
-                }
-            }
         }
-        acc.map(|a| hsum(a))
+        acc.map(|row| row.map(|a| hsum(a)))
     }
 }
 
@@ -555,6 +593,30 @@ mod tests {
         ours.matmul_with(&xs, t, &mut scalar, Kernel::Scalar);
         let err = max_rel_err(&got, &scalar);
         assert!(err < 1e-5, "simd vs scalar: rel err {err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_token_gets_the_same_bits_alone_or_in_a_batch() -> Result<()> {
+        // 21 blocks: two full scale groups and an odd tail; 13 rows: three 4-row groups and
+        // one single row; 5 tokens: two token pairs and a single token.
+        let (t, k, n) = (5, 672, 13);
+        let qt = QTensor::quantize(&random((n, k), 21), GgmlDType::Q4_1)?;
+        let ours = Q4_1Matrix::from_qtensor(&qt)?;
+        let xs = random((t, k), 22).flatten_all()?.to_vec1::<f32>()?;
+        for kernel in [Kernel::Scalar, Kernel::detect()] {
+            let mut all = vec![0f32; t * n];
+            ours.matmul_with(&xs, t, &mut all, kernel);
+            for ti in 0..t {
+                let mut one = vec![0f32; n];
+                ours.matmul_with(&xs[ti * k..(ti + 1) * k], 1, &mut one, kernel);
+                assert_eq!(
+                    &all[ti * n..(ti + 1) * n],
+                    &one[..],
+                    "{kernel:?} token {ti}"
+                );
+            }
+        }
         Ok(())
     }
 
