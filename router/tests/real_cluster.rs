@@ -1,11 +1,12 @@
-//! A router and two REAL workers (the default SmolLM2 model on the candle CPU engine), all
+//! A router and REAL workers (the default SmolLM2 model on the candle CPU engine), all
 //! in-process on 127.0.0.1:0: concurrency and output equality, cancellation freeing KV blocks,
-//! and TTFT agreement between the final message and both processes' `/metrics`.
+//! TTFT agreement between the final message and both processes' `/metrics`, and losing a
+//! worker before the first token (retried elsewhere) and mid-stream (partial output, then
+//! UNAVAILABLE). `routing.rs` covers the same failures with scripted fake workers.
 //!
 //! The tests run one at a time (`SERIAL`): each starts its own cluster (so metric counts start
 //! at zero) and they share two cores, where the cancellation deadline must not depend on
-//! another test's prefill. Failures before / after the first token are covered with scripted
-//! fake workers in `routing.rs`.
+//! another test's prefill.
 
 mod common;
 
@@ -14,7 +15,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use common::real::{free_addr, model_worker_config, sample, wait_scrape, RealWorker, POLL};
+use common::real::{
+    free_addr, model_worker_config, sample, wait_scrape, RealWorker, Severable, POLL,
+};
 use common::{
     generate, prompt_request, router_config_over, spawn_router, wait_healthy, TestRouter,
 };
@@ -252,4 +255,107 @@ async fn one_requests_ttft_agrees_across_final_message_and_both_metrics() -> Res
         "router TTFT {router_sum} s vs worker {worker_sum} s: gap {gap} s outside [0, {MAX_ROUTER_TTFT_GAP:?})"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_before_the_request_is_retried_on_the_other_worker() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (a, b) = tokio::try_join!(start_worker(WORKER_IDS[0]), start_worker(WORKER_IDS[1]))?;
+    let list = [(a.id.as_str(), a.url()), (b.id.as_str(), b.url())];
+    let mut config = router_config_over(&list, PolicyConfig::RoundRobin);
+    // One poll at start-up, then none during the test: the router must find out that the
+    // worker is gone from the request itself, not from a health poll that raced it.
+    config.health.poll_interval = Duration::from_secs(3600);
+    let router = spawn_router(config).await?;
+    wait_healthy(&router, 2).await?;
+
+    let prompt = "The capital of France is";
+    let first = generate(&router, prompt_request(prompt, MAX_TOKENS)).await?;
+    let served = finished_timings(&first)?.worker_id;
+    // Round robin over two equal workers alternates: the next request goes to the other one.
+    let (survivor, victim) = match served.as_str() {
+        id if id == a.id => (a, b),
+        _ => (b, a),
+    };
+    ensure!(
+        served == survivor.id,
+        "first request served by unknown `{served}`"
+    );
+    victim.stop().await?;
+
+    let out = generate(&router, prompt_request(prompt, MAX_TOKENS)).await?;
+    let t = finished_timings(&out)?;
+    ensure!(t.worker_id == survivor.id, "served by {}", t.worker_id);
+    ensure!(t.retries == 1, "expected one retry, got {}", t.retries);
+    ensure!(
+        out.token_ids == first.token_ids,
+        "retried output {:?} differs from {:?}",
+        out.text,
+        first.text
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lost_mid_stream_gives_partial_output_then_unavailable() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let worker = start_worker(WORKER_IDS[0]).await?;
+    let link = Severable::start(worker.addr).await?;
+    let config = router_config_over(
+        &[(worker.id.as_str(), link.url())],
+        PolicyConfig::RoundRobin,
+    );
+    let router = spawn_router(config).await?;
+    wait_healthy(&router, 1).await?;
+
+    let request = pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(400),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..prompt_request(
+            "Write a very long story about a dragon who learns to cook.",
+            0,
+        )
+    };
+    let mut stream = router.orchard.clone().generate(request).await?.into_inner();
+    let mut tokens = 0;
+    while tokens < 3 {
+        let msg = stream.message().await?.context("stream ended early")?;
+        tokens += msg.token_ids.len();
+    }
+    link.sever();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(msg)) => {
+                ensure!(msg.r#final.is_none(), "finished despite the lost worker");
+                tokens += msg.token_ids.len();
+            }
+            Ok(None) => bail!("stream ended cleanly after {tokens} tokens"),
+            Err(status) => break status,
+        }
+    };
+    ensure!(
+        status.code() == tonic::Code::Unavailable,
+        "after {tokens} tokens: {status:?}"
+    );
+    ensure!(
+        status.message().contains(&worker.id),
+        "the error names the worker: {}",
+        status.message()
+    );
+    // The worker itself saw its client vanish and freed the sequence.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let load = worker.load().await?;
+        if load.running == 0 && load.kv_blocks_used == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("1 s after the cut the worker still holds the request: {load:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }

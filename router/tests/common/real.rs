@@ -142,6 +142,18 @@ impl RealWorker {
         Ok(report.into_inner())
     }
 
+    /// Stops the worker through its shutdown signal and waits until `server::run` returned
+    /// (tonic's graceful shutdown: open streams finish first, then the listener is closed).
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+
     /// The worker's `/metrics` text.
     pub async fn scrape(&self) -> Result<String> {
         scrape(self.metrics.context("worker started without /metrics")?).await
@@ -194,4 +206,49 @@ pub fn sample(text: &str, series: &str) -> Result<f64> {
         })
         .with_context(|| format!("no sample `{series}` in:\n{text}"))?;
     Ok(line[series.len()..].trim().parse()?)
+}
+
+/// A TCP relay in front of a worker that the test can sever, closing every connection through
+/// it at once: what the router sees when a worker's host dies mid-stream. (An in-process
+/// worker cannot be killed that way: its shutdown is graceful and lets open streams finish.)
+pub struct Severable {
+    pub addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Severable {
+    /// Relays 127.0.0.1:0 to `upstream` until [`Severable::sever`].
+    pub async fn start(upstream: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let severed = cut.subscribe();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut severed = severed.clone();
+                if *severed.borrow() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = severed.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, cut })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    pub fn sever(&self) {
+        self.cut.send_replace(true);
+    }
 }
