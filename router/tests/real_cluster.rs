@@ -250,6 +250,7 @@ async fn one_requests_ttft_agrees_across_final_message_and_both_metrics() -> Res
     );
     ensure!(worker_sum > 0.0, "worker TTFT {worker_sum}");
     let gap = router_sum - worker_sum;
+    eprintln!("TTFT: router {router_sum:.6} s, worker {worker_sum:.6} s, gap {gap:.6} s");
     ensure!(
         gap >= 0.0 && gap < MAX_ROUTER_TTFT_GAP.as_secs_f64(),
         "router TTFT {router_sum} s vs worker {worker_sum} s: gap {gap} s outside [0, {MAX_ROUTER_TTFT_GAP:?})"
