@@ -126,6 +126,8 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     tracing::info!(addr = %listener.local_addr()?, "router serving gRPC");
     let served = tonic::transport::Server::builder()
+        // One span per call, joined to the caller's trace when it sent a `traceparent`.
+        .trace_fn(orchard_common::telemetry::grpc_server_span)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

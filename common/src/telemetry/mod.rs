@@ -10,7 +10,7 @@
 pub mod propagation;
 
 pub use propagation::{
-    extract_context, grpc_server_span, inject_context, inject_context_from,
+    extract_context, grpc_server_span, inject_context, inject_context_from, record_child_span,
     set_parent_from_metadata, TraceContextInterceptor,
 };
 

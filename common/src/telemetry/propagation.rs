@@ -8,7 +8,10 @@
 //! directly rather than through the OpenTelemetry global, so propagation works in tests and
 //! tools that never called [`super::init`].
 
+use std::time::SystemTime;
+
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{Span as _, TraceContextExt, Tracer};
 use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::codegen::http;
@@ -80,6 +83,23 @@ pub fn set_parent_from_metadata(span: &Span, metadata: &MetadataMap) {
         // started: there is no trace to join, and the request must not fail over it.
         tracing::trace!(error = ?e, "span not linked to the caller's trace");
     }
+}
+
+/// Records a phase of `parent`'s work that was measured elsewhere (e.g. on the engine thread)
+/// as a finished child span named `name` running from `start` to `end`. Uses the global
+/// OpenTelemetry tracer, which [`super::init`] installs only when OTLP export is configured;
+/// without it, or when `parent` has no OpenTelemetry context, nothing is recorded.
+pub fn record_child_span(parent: &Span, name: &'static str, start: SystemTime, end: SystemTime) {
+    let context = parent.context();
+    if !context.span().span_context().is_valid() {
+        return;
+    }
+    let tracer = opentelemetry::global::tracer("orchard");
+    let mut span = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .start_with_context(&tracer, &context);
+    span.end_with_timestamp(end);
 }
 
 /// tonic's `Server::builder().trace_fn(grpc_server_span)`: one `grpc.server` span per call,

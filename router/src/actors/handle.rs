@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use orchard_common::OrchardError;
 use orchard_proto::v1 as pb;
-use orchard_proto::v1::worker_client::WorkerClient;
 use ractor::{call_t, ActorRef, RactorErr};
-use tonic::transport::Channel;
 
 use super::router_actor::{DrainMode, Lease, Registration, RouteQuery, RouterMsg};
+use super::worker_link::WorkerRpc;
 
 /// Timeout of calls into the RouterActor; routing is in-memory, so this only trips when the
 /// actor is gone or stuck.
@@ -57,7 +56,7 @@ impl RouterHandle {
     }
 
     /// A client of some healthy worker serving `model` (empty = any), for tokenization.
-    pub async fn any_client(&self, model: &str) -> Result<WorkerClient<Channel>, OrchardError> {
+    pub async fn any_client(&self, model: &str) -> Result<WorkerRpc, OrchardError> {
         call_t!(
             self.actor,
             RouterMsg::AnyClient,

@@ -10,4 +10,4 @@ pub use handle::{PromptTokens, RouterHandle};
 pub use router_actor::{
     DrainMode, Lease, Registration, RouteQuery, RouterActor, RouterArgs, RouterMsg, RouterSettings,
 };
-pub use worker_link::{InFlightGuard, LinkHealth, LinkReport, WorkerLink};
+pub use worker_link::{worker_rpc, InFlightGuard, LinkHealth, LinkReport, WorkerLink, WorkerRpc};

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use orchard_common::config::{PolicyConfig, StaticWorker};
 use orchard_common::OrchardError;
 use orchard_proto::v1 as pb;
-use orchard_proto::v1::worker_client::WorkerClient;
 use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
-use super::worker_link::{InFlightGuard, LinkArgs, LinkHealth, LinkMsg, LinkReport, WorkerLink};
+use super::worker_link::{
+    InFlightGuard, LinkArgs, LinkHealth, LinkMsg, LinkReport, WorkerLink, WorkerRpc,
+};
 use crate::policy::{self, Policy, RouteRequest, WorkerView};
 
 /// How often lapsed leases are looked for; a lease lapses at most this late.
@@ -72,7 +72,7 @@ struct Entry {
     weight: f64,
     source: Source,
     link: ActorRef<LinkMsg>,
-    client: WorkerClient<Channel>,
+    client: WorkerRpc,
     in_flight: Arc<AtomicU32>,
     draining: bool,
     health: LinkHealth,
@@ -105,7 +105,7 @@ pub struct RouteQuery {
 #[derive(Debug)]
 pub struct Lease {
     pub worker_id: String,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerRpc,
     _guard: InFlightGuard,
 }
 
@@ -123,10 +123,7 @@ pub struct Registration {
 pub enum RouterMsg {
     Route(RouteQuery, RpcReplyPort<Result<Lease, OrchardError>>),
     /// A client of some healthy worker serving the model, for tokenization.
-    AnyClient(
-        String,
-        RpcReplyPort<Result<WorkerClient<Channel>, OrchardError>>,
-    ),
+    AnyClient(String, RpcReplyPort<Result<WorkerRpc, OrchardError>>),
     ListWorkers(RpcReplyPort<Vec<pb::WorkerStatus>>),
     ListModels(RpcReplyPort<Vec<pb::ModelInfo>>),
     Register(Registration, RpcReplyPort<Result<Duration, OrchardError>>),
@@ -443,7 +440,7 @@ fn serving_model<'a>(workers: &'a Workers, model: &str) -> Result<Vec<&'a Entry>
     Ok(serving)
 }
 
-fn any_client(state: &RouterState, model: &str) -> Result<WorkerClient<Channel>, OrchardError> {
+fn any_client(state: &RouterState, model: &str) -> Result<WorkerRpc, OrchardError> {
     serving_model(&state.workers, model)?
         .into_iter()
         .find(|e| e.health == LinkHealth::Healthy)

@@ -10,17 +10,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchard_common::config::HealthConfig;
+use orchard_common::telemetry::TraceContextInterceptor;
 use orchard_common::OrchardError;
 use orchard_proto::v1 as pb;
 use orchard_proto::v1::worker_client::WorkerClient;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::router_actor::RouterMsg;
+
+/// A client of one worker's `orchard.v1.Worker` service that writes the calling span's W3C
+/// trace context (`traceparent`) into every request's metadata, so the worker's request span
+/// joins the router's trace. Calls made outside a traced span (health polls) carry nothing.
+pub type WorkerRpc = WorkerClient<InterceptedService<Channel, TraceContextInterceptor>>;
+
+/// A [`WorkerRpc`] over `channel` (cheap: channels are shared handles).
+pub fn worker_rpc(channel: Channel) -> WorkerRpc {
+    WorkerClient::with_interceptor(channel, TraceContextInterceptor)
+}
 
 /// Health of a worker as the breaker sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +122,7 @@ pub enum LinkMsg {
     /// Result of a poll task.
     PollDone(Result<PollData, OrchardError>),
     /// A client on the link's channel, for the RouterActor to hand out with leases.
-    Client(RpcReplyPort<WorkerClient<Channel>>),
+    Client(RpcReplyPort<WorkerRpc>),
 }
 
 /// What a successful poll returns.
@@ -179,7 +191,7 @@ impl Actor for WorkerLink {
             LinkMsg::Client(reply) => {
                 if !reply.is_closed() {
                     // The caller may have timed out meanwhile; nothing to do then.
-                    let _ = reply.send(WorkerClient::new(state.channel.clone()));
+                    let _ = reply.send(worker_rpc(state.channel.clone()));
                 }
             }
         }
@@ -266,7 +278,7 @@ async fn poll_worker(
         Err(status) if status.code() == tonic::Code::Unimplemented => {}
         Err(status) => return Err(status.into()),
     }
-    let mut worker = WorkerClient::new(channel);
+    let mut worker = worker_rpc(channel);
     let load = tokio::time::timeout(budget, worker.get_load(pb::GetLoadRequest {}))
         .await
         .map_err(within("GetLoad"))??

@@ -12,6 +12,7 @@ use orchard_proto::v1::orchard_server::Orchard;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::relay::{open_with_retries, relay, Placement, RelayTarget};
 use super::validate::validate_generate;
@@ -99,6 +100,7 @@ impl OrchardService {
         if req.request_id.is_empty() {
             req.request_id = uuid::Uuid::new_v4().to_string();
         }
+        tracing::Span::current().record("request_id", req.request_id.as_str());
         let prompt_token_ids = self.routing_tokens(&req).await;
         let opened = open_with_retries(Placement {
             router: &self.router,
@@ -115,7 +117,9 @@ impl OrchardService {
             accepted: Instant::now(),
             metrics: self.metrics.clone(),
         };
-        tokio::spawn(relay(opened, target));
+        tracing::Span::current().record("worker", opened.lease.worker_id.as_str());
+        // The relay outlives this call; it stays in the request's span (and trace).
+        tokio::spawn(relay(opened, target).instrument(tracing::Span::current()));
         Ok(ReceiverStream::new(rx))
     }
 }
@@ -129,7 +133,17 @@ impl Orchard for OrchardService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let arrival = Instant::now();
-        let stream = self.start(request.into_inner(), arrival).await?;
+        // A child of the gRPC server span (itself the caller's child when it sent a trace
+        // context); worker calls made inside it carry its context to the worker.
+        let span = tracing::info_span!(
+            "router.generate",
+            request_id = tracing::field::Empty,
+            worker = tracing::field::Empty,
+        );
+        let stream = self
+            .start(request.into_inner(), arrival)
+            .instrument(span)
+            .await?;
         Ok(Response::new(stream))
     }
 

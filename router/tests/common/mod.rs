@@ -1,6 +1,9 @@
 //! Shared fixtures of the router's integration tests: a scripted FAKE worker (an in-process
-//! tonic `Worker` server on 127.0.0.1:0), an in-process router, and polling helpers.
+//! tonic `Worker` server on 127.0.0.1:0), an in-process router, and polling helpers; REAL
+//! workers (`orchard_worker::server::run`, model or simulated engine) live in [`real`].
 #![allow(dead_code)] // each test binary uses a different subset of the fixtures
+
+pub mod real;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -349,13 +352,25 @@ impl Drop for TestRouter {
 
 /// A router config over `workers` with fast polling, so tests converge quickly.
 pub fn router_config(workers: &[&FakeWorker], policy: PolicyConfig) -> RouterConfig {
+    let workers = workers
+        .iter()
+        .map(|w| (w.id(), w.url()))
+        .collect::<Vec<_>>();
+    router_config_over(&workers, policy)
+}
+
+/// A router config over `(id, url)` workers with fast polling, so tests converge quickly.
+pub fn router_config_over<S: AsRef<str>>(
+    workers: &[(S, String)],
+    policy: PolicyConfig,
+) -> RouterConfig {
     RouterConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         workers: workers
             .iter()
-            .map(|w| StaticWorker {
-                id: w.id().to_string(),
-                address: w.url(),
+            .map(|(id, url)| StaticWorker {
+                id: id.as_ref().to_string(),
+                address: url.clone(),
                 weight: 1.0,
             })
             .collect(),

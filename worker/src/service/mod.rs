@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use futures::Stream;
 use orchard_common::metrics::{WorkerLoad, WorkerMetrics};
+use orchard_common::telemetry::set_parent_from_metadata;
 use orchard_common::{OrchardError, SamplingParams};
 use orchard_proto::v1 as pb;
 use orchard_proto::v1::worker_server::Worker;
@@ -117,6 +118,26 @@ pub fn sampling_params(sampling: Option<&pb::SamplingParams>) -> Result<Sampling
     Ok(params)
 }
 
+/// The span of one `Generate` request, a child of the caller's span when the request carries
+/// a W3C trace context (the router's `router.generate`), so router and worker share one
+/// trace. It lives as long as the response stream, which records the engine's phases on it.
+fn request_span(metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "worker.generate",
+        otel.kind = "server",
+        request_id = tracing::field::Empty,
+        prompt_tokens = tracing::field::Empty,
+        completion_tokens = tracing::field::Empty,
+        queue_s = tracing::field::Empty,
+        prefill_s = tracing::field::Empty,
+        ttft_s = tracing::field::Empty,
+        decode_s = tracing::field::Empty,
+        e2e_s = tracing::field::Empty,
+    );
+    set_parent_from_metadata(&span, metadata);
+    span
+}
+
 /// The boxed response stream type of `Generate`.
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
@@ -129,6 +150,7 @@ impl Worker for WorkerService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let arrival = Instant::now();
+        let span = request_span(request.metadata());
         let req = request.into_inner();
         let loaded = self.loaded()?;
         let params = sampling_params(req.sampling.as_ref())?;
@@ -142,7 +164,9 @@ impl Worker for WorkerService {
             )))
         })?;
         let (events, receiver) = mpsc::unbounded_channel();
-        tracing::debug!(request_id = %id, prompt_tokens = prompt.len(), "generate");
+        span.record("request_id", id.as_str());
+        span.record("prompt_tokens", prompt.len());
+        tracing::debug!(parent: &span, request_id = %id, prompt_tokens = prompt.len(), "generate");
         loaded.engine.submit(EngineRequest {
             id,
             prompt_token_ids: prompt,
@@ -155,7 +179,8 @@ impl Worker for WorkerService {
             guard,
             Arc::clone(&self.inner.worker_id),
             Arc::clone(&self.inner.metrics),
-        );
+        )
+        .traced(span);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -9,13 +9,16 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::Stream;
 use orchard_common::metrics::WorkerMetrics;
+use orchard_common::telemetry::record_child_span;
+use orchard_common::RequestTimings;
 use orchard_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
+use tracing::Span;
 
 use super::convert;
 use crate::engine::EngineEvent;
@@ -75,6 +78,9 @@ pub struct GenerateStream {
     metrics: Arc<WorkerMetrics>,
     /// When the previous token chunk arrived, for inter-token latency.
     last_token_at: Option<Instant>,
+    /// The request's span (`worker.generate`); the engine's phases are recorded on it when the
+    /// request finishes, and it ends when the stream is dropped.
+    span: Span,
 }
 
 impl GenerateStream {
@@ -91,7 +97,14 @@ impl GenerateStream {
             worker_id,
             metrics,
             last_token_at: None,
+            span: Span::none(),
         }
+    }
+
+    /// Records the request's engine phases on `span` (see [`record_phases`]).
+    pub fn traced(mut self, span: Span) -> Self {
+        self.span = span;
+        self
     }
 
     /// Ends the stream: drops the receiver and frees the request id.
@@ -110,8 +123,9 @@ impl GenerateStream {
             EngineEvent::Tokens(chunk) => {
                 if !chunk.token_ids.is_empty() {
                     let now = Instant::now();
-                    if let Some(prev) = self.last_token_at.replace(now) {
-                        self.metrics.record_inter_token_latency(now - prev);
+                    match self.last_token_at.replace(now) {
+                        Some(prev) => self.metrics.record_inter_token_latency(now - prev),
+                        None => tracing::trace!(parent: &self.span, "first token"),
                     }
                 }
                 Ok(convert::chunk_response(id, chunk))
@@ -119,17 +133,49 @@ impl GenerateStream {
             EngineEvent::Finished(done) => {
                 self.metrics
                     .record_finished(&done.timings, &done.usage, done.reason);
+                record_phases(&self.span, &done.timings, done.usage.completion_tokens);
                 let msg = convert::final_response(id, done, &self.worker_id);
                 self.finish();
                 Ok(msg)
             }
             EngineEvent::Failed(err) => {
-                tracing::warn!(request_id = id, error = %err, "request failed in the engine");
+                tracing::warn!(parent: &self.span, request_id = id, error = %err, "request failed in the engine");
                 self.metrics.record_error(err.kind);
                 self.finish();
                 Err(err.into())
             }
         }
+    }
+}
+
+/// Records the engine's phases of one finished request on its span: as attributes (seconds,
+/// for trace search) and as child spans `engine.queue`, `engine.prefill` and `engine.decode`
+/// with their real start and end times (the engine thread measures them: it is a synchronous
+/// loop stepping many requests at once, so it runs no per-request spans itself). Called when
+/// the final event arrives, which is when the request ended; nothing is exported when trace
+/// export is off.
+pub fn record_phases(span: &Span, timings: &RequestTimings, completion_tokens: u32) {
+    let decode = timings.e2e.saturating_sub(timings.ttft);
+    span.record("completion_tokens", completion_tokens);
+    span.record("queue_s", timings.queue.as_secs_f64());
+    span.record("prefill_s", timings.prefill.as_secs_f64());
+    span.record("ttft_s", timings.ttft.as_secs_f64());
+    span.record("decode_s", decode.as_secs_f64());
+    span.record("e2e_s", timings.e2e.as_secs_f64());
+    let ended = SystemTime::now();
+    let arrived = ended.checked_sub(timings.e2e).unwrap_or(ended);
+    let at = |offset: Duration| arrived + offset;
+    let phases = [
+        ("engine.queue", arrived, at(timings.queue)),
+        (
+            "engine.prefill",
+            at(timings.queue),
+            at(timings.queue + timings.prefill),
+        ),
+        ("engine.decode", at(timings.ttft), ended),
+    ];
+    for (name, start, end) in phases {
+        record_child_span(span, name, start, end);
     }
 }
 
