@@ -150,18 +150,7 @@ async fn sixteen_concurrent_streams_match_their_sequential_outputs_on_both_worke
 async fn dropping_a_stream_after_three_tokens_frees_the_sequence_within_a_second() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start().await?;
-    let request = pb::GenerateRequest {
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            max_tokens: Some(400),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..prompt_request(
-            "Write a very long story about a dragon who learns to cook.",
-            0,
-        )
-    };
+    let request = long_request();
     let mut stream = cluster
         .router
         .orchard
@@ -310,18 +299,7 @@ async fn a_worker_lost_mid_stream_gives_partial_output_then_unavailable() -> Res
     let router = spawn_router(config).await?;
     wait_healthy(&router, 1).await?;
 
-    let request = pb::GenerateRequest {
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            max_tokens: Some(400),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..prompt_request(
-            "Write a very long story about a dragon who learns to cook.",
-            0,
-        )
-    };
+    let request = long_request();
     let mut stream = router.orchard.clone().generate(request).await?.into_inner();
     let mut tokens = 0;
     while tokens < 3 {
@@ -360,4 +338,17 @@ async fn a_worker_lost_mid_stream_gives_partial_output_then_unavailable() -> Res
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// A greedy request that runs far longer than any test waits for it (400 tokens, EOS
+/// ignored), for tests that cut a stream short.
+fn long_request() -> pb::GenerateRequest {
+    let mut request = prompt_request(
+        "Write a very long story about a dragon who learns to cook.",
+        400,
+    );
+    if let Some(sampling) = request.sampling.as_mut() {
+        sampling.ignore_eos = true;
+    }
+    request
 }

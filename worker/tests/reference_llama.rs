@@ -151,15 +151,65 @@ fn mismatches_with_candle_quantized_llama_are_near_ties() -> Result<()> {
     Ok(())
 }
 
-/// The bar. Measured 250/256 (97.7%) on 2026-11-23, all mismatches near-ties; left
-/// ignored until the remaining numeric gap to the reference is found.
+/// The bar. Measured 245/256 (95.7%) on 2026-11-23 with the candle-exact matmul
+/// kernels, all mismatches near-ties; left ignored until the remaining gap is found. It lies
+/// in attention over two or more positions: single-token logits are bit-identical (test
+/// below), a 2-token prompt already differs by up to 0.43 in a logit, and both models give the
+/// same logits for a prompt run at once or token by token.
 #[test]
-#[ignore = "measured 97.7% agreement (250/256); the bar is 98%"]
+#[ignore = "measured 95.7% agreement (245/256); the bar is 98%"]
 fn argmax_agreement_with_candle_quantized_llama_reaches_98_percent() -> Result<()> {
     let (agree, total) = compare_with_reference()?;
     anyhow::ensure!(
         agree * 100 >= total * 98,
         "argmax agreement {agree}/{total} below 98%"
     );
+    Ok(())
+}
+
+/// With one token the attention is a softmax over one position, so this compares everything
+/// else - embedding, RMSNorm, the Q4_1 and Q8_0 matmuls (stacked q/k/v and gate/up), SwiGLU,
+/// the LM head: our logits must equal the reference's bit for bit.
+#[test]
+fn single_token_logits_equal_the_reference_bit_for_bit() -> Result<()> {
+    let path = default_model_path();
+    anyhow::ensure!(
+        path.exists(),
+        "default model missing at {} (run deploy/fetch-model.sh)",
+        path.display()
+    );
+    let loaded = gguf::load(&path, &Device::Cpu)?;
+    let mut reader = BufReader::new(File::open(&path)?);
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut reader)?;
+    let mut reference = ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?;
+    let cfg = loaded.model.config();
+    for id in [1u32, 504, 28_000] {
+        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        let want = reference.forward(&x, 0)?.squeeze(0)?.to_vec1::<f32>()?;
+        let mut kv = KvStore::new(KvStoreConfig {
+            num_layers: cfg.num_layers,
+            num_blocks: 1,
+            block_size: BLOCK,
+            kv_dim: cfg.kv_dim(),
+        });
+        let batch = StepBatch {
+            token_ids: vec![id],
+            positions: vec![0],
+            slot_mapping: vec![0],
+            seqs: vec![SeqSlice {
+                query_start: 0,
+                query_len: 1,
+                context_len: 1,
+                block_table: vec![0],
+                needs_logits: true,
+            }],
+        };
+        let got = loaded
+            .model
+            .forward(&batch, &mut kv)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        anyhow::ensure!(got == want, "token {id}: logits differ from the reference");
+    }
     Ok(())
 }

@@ -22,7 +22,7 @@ pub use names::MetricSpec;
 /// Re-exported so the worker and router build their registry without naming the crate.
 pub use prometheus::Registry;
 pub use router::{RouterMetrics, WorkerState};
-pub use server::{metrics_router, render, serve_metrics};
+pub use server::{metrics_router, render, sample_value, serve_metrics};
 pub use worker::{WorkerLoad, WorkerMetrics};
 
 use prometheus::core::Collector;

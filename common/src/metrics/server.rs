@@ -15,6 +15,16 @@ use super::MetricsError;
 /// Path Prometheus scrapes.
 pub const METRICS_PATH: &str = "/metrics";
 
+/// The value of the sample whose series (name and labels, exactly as exposed, e.g.
+/// `orchard_time_to_first_token_seconds_count{worker="w1"}`) is `series` in a text
+/// exposition; `None` when no such sample is present or its value is not a number. Tests and
+/// tools read scrapes with it instead of pulling in a Prometheus parser.
+pub fn sample_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// Renders every metric in `registry` in the Prometheus text exposition format.
 pub fn render(registry: &Registry) -> Result<String, prometheus::Error> {
     TextEncoder::new().encode_to_string(&registry.gather())

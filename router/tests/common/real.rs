@@ -198,14 +198,8 @@ pub async fn wait_scrape(addr: SocketAddr) -> Result<String> {
 
 /// The value of the sample whose series (name and labels, exactly as exposed) is `series`.
 pub fn sample(text: &str, series: &str) -> Result<f64> {
-    let line = text
-        .lines()
-        .find(|l| {
-            l.strip_prefix(series)
-                .is_some_and(|rest| rest.starts_with(' '))
-        })
-        .with_context(|| format!("no sample `{series}` in:\n{text}"))?;
-    Ok(line[series.len()..].trim().parse()?)
+    orchard_common::metrics::sample_value(text, series)
+        .with_context(|| format!("no sample `{series}` in:\n{text}"))
 }
 
 /// A TCP relay in front of a worker that the test can sever, closing every connection through

@@ -154,11 +154,15 @@ where
     }
 }
 
-/// Rows per rayon task: enough tasks to balance the pool, enough work per task to amortize
+/// Every rayon task starts on a multiple of this many weight rows, so kernels that interleave
+/// row groups (Q4_1) never split a group between tasks.
+pub(crate) const ROW_ALIGN: usize = 8;
+
+/// Rows per rayon task (a multiple of [`ROW_ALIGN`]): enough tasks to balance the pool, enough work per task to amortize
 /// scheduling (~16 KiB of weight traffic or equivalent work).
 fn row_chunk(job: RowsJob) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let target = job.n_out.div_ceil(threads * 4);
     let min_rows = (16384 / (job.row_bytes + 1) / job.t.max(1)).clamp(4, 256);
-    target.max(min_rows).min(job.n_out).max(1)
+    target.max(min_rows).next_multiple_of(ROW_ALIGN)
 }
