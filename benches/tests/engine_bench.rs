@@ -25,7 +25,10 @@ fn check_counts(what: &str, c: &Counts, requests: u64, prompt: usize, output: u3
         completion_tokens: requests * u64::from(output),
         cached_tokens: 0,
     };
-    ensure!(*c == expected, "{what}: counts {c:?}, expected {expected:?}");
+    ensure!(
+        *c == expected,
+        "{what}: counts {c:?}, expected {expected:?}"
+    );
     Ok(())
 }
 
@@ -36,34 +39,79 @@ fn quick_run_reports_every_measurement_with_exact_token_counts() -> Result<()> {
     let repeat = u64::from(config.repeat);
     let report = engine_bench::run(&config)?;
 
-    let prefill_lens: Vec<_> = report.orchard.prefill.iter().map(|p| p.prompt_tokens).collect();
-    ensure!(prefill_lens == sizes.prefill_prompts, "prefill lengths {prefill_lens:?}");
+    let prefill_lens: Vec<_> = report
+        .orchard
+        .prefill
+        .iter()
+        .map(|p| p.prompt_tokens)
+        .collect();
+    ensure!(
+        prefill_lens == sizes.prefill_prompts,
+        "prefill lengths {prefill_lens:?}"
+    );
     for p in &report.orchard.prefill {
         check_counts("prefill", &p.counts, repeat, p.prompt_tokens, 1)?;
         ensure!(p.tok_s.min > 0.0 && p.tok_s.runs == config.repeat as usize);
     }
     let d = &report.orchard.decode;
-    check_counts("decode", &d.counts, repeat, d.shape.prompt_tokens, d.shape.output_tokens)?;
+    check_counts(
+        "decode",
+        &d.counts,
+        repeat,
+        d.shape.prompt_tokens,
+        d.shape.output_tokens,
+    )?;
     ensure!(d.tok_s.min > 0.0);
 
-    let levels: Vec<_> = report.orchard.aggregate.iter().map(|a| a.concurrency).collect();
+    let levels: Vec<_> = report
+        .orchard
+        .aggregate
+        .iter()
+        .map(|a| a.concurrency)
+        .collect();
     ensure!(levels == sizes.concurrency, "concurrency levels {levels:?}");
     for a in &report.orchard.aggregate {
         let requests = repeat * a.concurrency as u64;
-        check_counts("aggregate", &a.counts, requests, a.shape.prompt_tokens, a.shape.output_tokens)?;
+        check_counts(
+            "aggregate",
+            &a.counts,
+            requests,
+            a.shape.prompt_tokens,
+            a.shape.output_tokens,
+        )?;
         ensure!(a.decode_tok_s.min > 0.0 && a.e2e_tok_s.min > 0.0);
     }
 
-    let ids: Vec<_> = report.orchard.scenarios.iter().map(|s| s.id.as_str()).collect();
-    ensure!(ids == ["S1", "S2", "S3", "S4", "S5", "S6"], "scenarios {ids:?}");
+    let ids: Vec<_> = report
+        .orchard
+        .scenarios
+        .iter()
+        .map(|s| s.id.as_str())
+        .collect();
+    ensure!(
+        ids == ["S1", "S2", "S3", "S4", "S5", "S6"],
+        "scenarios {ids:?}"
+    );
     for s in &report.orchard.scenarios {
         let (p, o) = (s.shape.prompt_tokens, s.shape.output_tokens);
         check_counts(&s.id, &s.counts, repeat, p, o)?;
-        ensure!(s.decode_tok_s.min > 0.0 && s.prefill_tok_s.min > 0.0, "{}: rates", s.id);
+        ensure!(
+            s.decode_tok_s.min > 0.0 && s.prefill_tok_s.min > 0.0,
+            "{}: rates",
+            s.id
+        );
         ensure!(s.ttft_ms.max > 0.0, "{}: TTFT", s.id);
         // Per run TTFT <= e2e, so the means and the extremes keep that order.
-        ensure!(s.ttft_ms.mean <= s.e2e_ms.mean, "{}: TTFT after the end", s.id);
-        ensure!(s.ttft_ms.max <= s.e2e_ms.max, "{}: TTFT after the end", s.id);
+        ensure!(
+            s.ttft_ms.mean <= s.e2e_ms.mean,
+            "{}: TTFT after the end",
+            s.id
+        );
+        ensure!(
+            s.ttft_ms.max <= s.e2e_ms.max,
+            "{}: TTFT after the end",
+            s.id
+        );
     }
 
     for (c, (len, ratio)) in report.candle.prefill.iter().zip(&report.ratios.prefill) {
@@ -74,7 +122,10 @@ fn quick_run_reports_every_measurement_with_exact_token_counts() -> Result<()> {
     let md = report.to_markdown();
     ensure!(md.contains("| S6 |") && md.contains("reference, measured separately"));
     let json = serde_json::to_value(&report)?;
-    ensure!(json["reference"]["prompt_tok_s"] == 1650.0, "reference figures in the JSON");
+    ensure!(
+        json["reference"]["prompt_tok_s"] == 1650.0,
+        "reference figures in the JSON"
+    );
     Ok(())
 }
 

@@ -76,8 +76,7 @@ fn main() -> Result<()> {
     print!("{}", report.to_markdown());
     if let Some(path) = &cli.json {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         report.write_json(path)?;
         eprintln!("report written to {}", path.display());

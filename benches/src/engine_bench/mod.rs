@@ -152,10 +152,14 @@ impl EngineBenchConfig {
             });
         }
         if self.repeat == 0 {
-            return Err(EngineBenchError::BadArgument("--repeat must be >= 1".into()));
+            return Err(EngineBenchError::BadArgument(
+                "--repeat must be >= 1".into(),
+            ));
         }
         if self.threads == Some(0) {
-            return Err(EngineBenchError::BadArgument("--threads must be >= 1".into()));
+            return Err(EngineBenchError::BadArgument(
+                "--threads must be >= 1".into(),
+            ));
         }
         self.sizes.check()
     }
@@ -203,7 +207,12 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchE
             repeat: config.repeat,
             warmup: config.warmup,
             quick: config.sizes.quick,
-            profile: if cfg!(debug_assertions) { "dev" } else { "release" }.into(),
+            profile: if cfg!(debug_assertions) {
+                "dev"
+            } else {
+                "release"
+            }
+            .into(),
             engine: engine_settings,
         },
         measured,

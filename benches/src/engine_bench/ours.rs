@@ -15,8 +15,7 @@ use orchard_worker::text::frontend::TextFrontend;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::report::{
-    AggregateMeasure, Counts, DecodeMeasure, OrchardResults, PrefillMeasure, ScenarioMeasure,
-    Stat,
+    AggregateMeasure, Counts, DecodeMeasure, OrchardResults, PrefillMeasure, ScenarioMeasure, Stat,
 };
 use super::workload::{PromptMaker, Shape};
 use super::{EngineBenchConfig, EngineBenchError};
@@ -274,9 +273,18 @@ fn aggregate_rates(outcomes: &[Outcome]) -> Result<(f64, f64), EngineBenchError>
     let first = |o: &Outcome| o.token_times.first().map(|&(t, _)| t);
     let last = |o: &Outcome| o.token_times.last().map(|&(t, _)| t);
     let none = || EngineBenchError::Degenerate("aggregate decode (a sequence had no tokens)");
-    let start = outcomes.iter().map(first).max().flatten().ok_or_else(none)?;
+    let start = outcomes
+        .iter()
+        .map(first)
+        .max()
+        .flatten()
+        .ok_or_else(none)?;
     let end = outcomes.iter().map(last).max().flatten().ok_or_else(none)?;
-    let submitted = outcomes.iter().map(|o| o.submitted).min().ok_or_else(none)?;
+    let submitted = outcomes
+        .iter()
+        .map(|o| o.submitted)
+        .min()
+        .ok_or_else(none)?;
     let decoded: usize = outcomes
         .iter()
         .flat_map(|o| &o.token_times)

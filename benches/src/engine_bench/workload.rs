@@ -77,7 +77,7 @@ impl Sizes {
     pub fn quick() -> Self {
         Self {
             quick: true,
-            prefill_prompts: vec![16, 32],
+            prefill_prompts: vec![8, 16],
             decode: Shape {
                 prompt_tokens: 8,
                 output_tokens: 8,
