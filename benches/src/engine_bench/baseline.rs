@@ -63,8 +63,8 @@ impl Baseline {
             .map_err(candle("greedy sampling"))
     }
 
-    /// Seconds to prefill `prompt` (one forward, first token sampled).
-    fn time_prefill(&mut self, prompt: &[u32]) -> Result<f64, EngineBenchError> {
+    /// Prefill tok/s of `prompt`: one forward, first token sampled.
+    fn prefill_rate(&mut self, prompt: &[u32]) -> Result<f64, EngineBenchError> {
         let start = Instant::now();
         self.forward(prompt, 0)?;
         rate(prompt.len() as f64, start.elapsed(), "candle prefill tok/s")
@@ -72,7 +72,7 @@ impl Baseline {
 
     /// Prefills `prompt`, then decodes `output_tokens - 1` more tokens one forward each;
     /// returns decode tok/s (the tokens after the first, over their time).
-    fn time_decode(&mut self, prompt: &[u32], output_tokens: u32) -> Result<f64, EngineBenchError> {
+    fn decode_rate(&mut self, prompt: &[u32], output_tokens: u32) -> Result<f64, EngineBenchError> {
         let mut token = self.forward(prompt, 0)?;
         let start = Instant::now();
         for i in 1..output_tokens as usize {
@@ -97,7 +97,7 @@ pub fn measure(
     let sizes = &config.sizes;
     progress.set_message("candle: warm-up");
     for _ in 0..config.warmup {
-        model.time_decode(&prompts.next(sizes.decode.prompt_tokens)?, 4)?;
+        model.decode_rate(&prompts.next(sizes.decode.prompt_tokens)?, 4)?;
         progress.inc(1);
     }
     let mut prefill = Vec::new();
@@ -105,7 +105,7 @@ pub fn measure(
         progress.set_message(format!("candle: prefill {tokens} tokens"));
         let mut rates = Vec::new();
         for _ in 0..config.repeat {
-            rates.push(model.time_prefill(&prompts.next(tokens)?)?);
+            rates.push(model.prefill_rate(&prompts.next(tokens)?)?);
             progress.inc(1);
         }
         prefill.push(CandlePrefill {
@@ -127,7 +127,7 @@ fn measure_decode(
 ) -> Result<CandleDecode, EngineBenchError> {
     let mut rates = Vec::new();
     for _ in 0..repeat {
-        rates.push(model.time_decode(&prompts.next(shape.prompt_tokens)?, shape.output_tokens)?);
+        rates.push(model.decode_rate(&prompts.next(shape.prompt_tokens)?, shape.output_tokens)?);
         progress.inc(1);
     }
     Ok(CandleDecode {

@@ -13,9 +13,9 @@
 //! - **single-stream decode tok/s**: 1 / the engine's mean time per output token, against
 //!   (output tokens - 1) / the time of the baseline's one-token forwards;
 //! - **aggregate decode tok/s** at several concurrencies: every sequence submitted at once
-//!   (`ignore_eos`, fixed output length); the tokens that arrive after the last sequence got
-//!   its first token, over the time from then to the last token (the decode phase only, like
-//!   llama.cpp's `batched-bench` S_TG), plus end-to-end output tok/s;
+//!   (`ignore_eos`, fixed output length); the tokens of the steps that ran after the last
+//!   sequence got its first token, over the time from then to the last token (the decode phase
+//!   only, like llama.cpp's `batched-bench` S_TG), plus end-to-end output tok/s;
 //! - the **seed scenarios S1-S6** ([`crate::scenarios::SEED_SCENARIOS`]) one request at a
 //!   time, with TTFT and decode tok/s from the engine's per-request timings.
 //!

@@ -266,37 +266,37 @@ fn measure_aggregate(
     })
 }
 
-/// (decode-phase tok/s, end-to-end output tok/s) of sequences run together. The decode phase
-/// starts when the last sequence received its first token (every sequence is decoding) and
-/// ends with the last token; it counts the tokens that arrived after its start.
+/// (decode-phase tok/s, end-to-end output tok/s) of sequences run together.
+///
+/// The decode phase starts at `s0`, when the last sequence to start received its first token
+/// (from then on every sequence decodes), and ends with the last token. The engine sends a
+/// step's tokens in one burst at the step's end, so arrival instants cluster per step; the
+/// tokens counted are those that arrived after the midpoint between `s0` and that sequence's
+/// second token - a quiet instant between two bursts - i.e. exactly the tokens of the steps
+/// that ran after `s0`, whatever order the burst at `s0` was read in.
 fn aggregate_rates(outcomes: &[Outcome]) -> Result<(f64, f64), EngineBenchError> {
-    let first = |o: &Outcome| o.token_times.first().map(|&(t, _)| t);
-    let last = |o: &Outcome| o.token_times.last().map(|&(t, _)| t);
-    let none = || EngineBenchError::Degenerate("aggregate decode (a sequence had no tokens)");
-    let start = outcomes
+    let none = || EngineBenchError::Degenerate("aggregate decode (a sequence had < 2 tokens)");
+    let times = |o: &Outcome| o.token_times.iter().map(|&(t, _)| t).collect::<Vec<_>>();
+    let last_started = outcomes
         .iter()
-        .map(first)
-        .max()
-        .flatten()
+        .map(times)
+        .max_by_key(|t| t.first().copied())
         .ok_or_else(none)?;
-    let end = outcomes.iter().map(last).max().flatten().ok_or_else(none)?;
+    let (s0, s1) = match last_started[..] {
+        [s0, s1, ..] => (s0, s1),
+        _ => return Err(none()),
+    };
+    let cut = s0 + (s1 - s0) / 2;
+    let arrivals = || outcomes.iter().flat_map(|o| &o.token_times);
+    let end = arrivals().map(|&(t, _)| t).max().ok_or_else(none)?;
     let submitted = outcomes
         .iter()
         .map(|o| o.submitted)
         .min()
         .ok_or_else(none)?;
-    let decoded: usize = outcomes
-        .iter()
-        .flat_map(|o| &o.token_times)
-        .filter(|&&(t, _)| t > start)
-        .map(|&(_, n)| n)
-        .sum();
-    let total: usize = outcomes
-        .iter()
-        .flat_map(|o| &o.token_times)
-        .map(|&(_, n)| n)
-        .sum();
-    let decode = rate(decoded as f64, end - start, "aggregate decode tok/s")?;
+    let decoded: usize = arrivals().filter(|&&(t, _)| t > cut).map(|&(_, n)| n).sum();
+    let total: usize = arrivals().map(|&(_, n)| n).sum();
+    let decode = rate(decoded as f64, end - s0, "aggregate decode tok/s")?;
     let e2e = rate(total as f64, end - submitted, "aggregate end-to-end tok/s")?;
     Ok((decode, e2e))
 }
@@ -348,5 +348,52 @@ pub(crate) fn rate(
     match secs > 0.0 && count > 0.0 {
         true => Ok(count / secs),
         false => Err(EngineBenchError::Degenerate(what)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use orchard_common::{FinishReason, RequestTimings, Usage};
+
+    use super::*;
+
+    fn outcome(submitted: Instant, arrivals_ms: &[f64]) -> Outcome {
+        let at = |ms: f64| submitted + Duration::from_secs_f64(ms / 1e3);
+        Outcome {
+            finished: Finished {
+                reason: FinishReason::Length,
+                stop_reason: None,
+                usage: Usage::default(),
+                timings: RequestTimings::default(),
+            },
+            submitted,
+            token_times: arrivals_ms.iter().map(|&ms| (at(ms), 1)).collect(),
+        }
+    }
+
+    #[test]
+    fn aggregate_decode_counts_the_steps_after_every_sequence_started(
+    ) -> Result<(), EngineBenchError> {
+        let t = Instant::now();
+        // Steps end every 10 ms; B joins at the step ending at 20 ms, whose burst is read
+        // B first, then A (A's token arrives after B's first token but belongs to that step).
+        let a = outcome(t, &[10.0, 20.2, 30.0, 40.0]);
+        let b = outcome(t, &[20.1, 30.1, 40.1]);
+        let (decode, e2e) = aggregate_rates(&[a, b])?;
+        // Steps at 30 and 40 ms: 4 tokens over 40.1 - 20.1 = 20 ms.
+        assert!((decode - 200.0).abs() < 1e-6, "{decode}");
+        // 7 tokens from submission to 40.1 ms.
+        assert!((e2e - 7.0 / 0.0401).abs() < 1e-6, "{e2e}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_sequence_with_one_token_has_no_decode_phase() {
+        let t = Instant::now();
+        let only_first = [outcome(t, &[10.0, 20.0]), outcome(t, &[15.0])];
+        assert!(matches!(
+            aggregate_rates(&only_first),
+            Err(EngineBenchError::Degenerate(_))
+        ));
     }
 }

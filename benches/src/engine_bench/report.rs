@@ -274,14 +274,6 @@ impl EngineBenchReport {
             r.engine.block_size,
             r.engine.max_num_batched_tokens,
         );
-        if r.profile == "dev" {
-            md.push_str(
-                "**Dev build: the candle column is not representative.** The dev profile keeps \
-                 overflow checks and debug assertions in dependencies, which slow candle's \
-                 scalar quantized kernels far more than Orchard's SIMD ones; build with \
-                 `--release` for the ratios.\n\n",
-            );
-        }
     }
 
     fn speed_table(&self, md: &mut String) {
