@@ -180,6 +180,7 @@ impl EngineBenchConfig {
 /// candle's baseline, and returns the report.
 pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchError> {
     config.check()?;
+    let load_before = load_average();
     let progress = progress_bar(config);
     let worker_cfg = config.worker_config();
     progress.set_message("loading the model (orchard)");
@@ -213,11 +214,20 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchE
                 "release"
             }
             .into(),
+            load_average: [load_before, load_average()],
             engine: engine_settings,
         },
         measured,
         base,
     ))
+}
+
+/// The 1-, 5- and 15-minute load averages (Linux `/proc/loadavg`): how busy the machine was,
+/// since other work on the same cores slows both engines (candle's spinning matmul pool most).
+fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
 /// A bar on stderr counting measured and warm-up runs, hidden in tests.

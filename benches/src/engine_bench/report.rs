@@ -198,7 +198,7 @@ impl EngineSettings {
 }
 
 /// How the run was made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunInfo {
     pub model: String,
     /// Threads of the global compute pool during the run.
@@ -208,6 +208,8 @@ pub struct RunInfo {
     pub quick: bool,
     /// Cargo profile of this binary (`dev` builds optimise dependencies and the worker too).
     pub profile: String,
+    /// Load averages (1, 5, 15 min) before and after the run, where the OS reports them.
+    pub load_average: [Option<[f64; 3]>; 2],
     pub engine: EngineSettings,
 }
 
@@ -261,10 +263,12 @@ impl EngineBenchReport {
 
     fn header(&self, md: &mut String) {
         let r = &self.run;
+        let load = |l: Option<[f64; 3]>| l.map_or("?".to_owned(), |l| format!("{:.2}", l[0]));
         let _ = writeln!(
             md,
             "Model `{}`, {} threads, {} build, {} measured run(s) after {} warm-up(s){}; \
-             prefix cache off, block size {}, step budget {} tokens.\n",
+             prefix cache off, block size {}, step budget {} tokens; 1-minute load average \
+             {} before, {} after.\n",
             r.model,
             r.threads,
             r.profile,
@@ -273,6 +277,8 @@ impl EngineBenchReport {
             if r.quick { ", --quick sizes" } else { "" },
             r.engine.block_size,
             r.engine.max_num_batched_tokens,
+            load(r.load_average[0]),
+            load(r.load_average[1]),
         );
     }
 
@@ -428,6 +434,7 @@ mod tests {
             warmup: 1,
             quick: false,
             profile: "release".into(),
+            load_average: [Some([1.0, 1.0, 1.0]), None],
             engine: EngineSettings::of(&WorkerConfig::default()),
         };
         EngineBenchReport::new(run, orchard, candle)
