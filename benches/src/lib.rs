@@ -1,4 +1,5 @@
-//! Orchard benchmarks: the `orchard-bench` load generator.
+//! Orchard benchmarks: the `orchard-bench` load generator and the offline engine benchmark
+//! `orchard-engine-bench` ([`engine_bench`]).
 //!
 //! The load generator measures an LLM server from the client's side, the way a user sees it:
 //! time to first token (TTFT), time per output token (TPOT), every inter-token gap (ITL) and
@@ -13,8 +14,13 @@
 //! [`runner`] drives closed- and open-loop load, [`metrics`] turns records into percentiles,
 //! [`scenarios`] holds the named presets (S1-S6, prefix cache, continuous batching) and
 //! [`report`] writes Markdown, JSON, CSV and PNG charts.
+//!
+//! The engine benchmark ([`engine_bench`]) needs no server: it loads the model in-process and
+//! measures Orchard's engine (prefill, decode, aggregate decode, S1-S6) against candle's own
+//! quantized Llama on the same file.
 
 pub mod client;
+pub mod engine_bench;
 pub mod error;
 pub mod metrics;
 pub mod progress;

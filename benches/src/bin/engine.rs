@@ -1,0 +1,85 @@
+//! `orchard-engine-bench`: offline benchmark of Orchard's engine against candle's quantized
+//! Llama on the same GGUF file, in one process, without a cluster or a network.
+//!
+//! ```text
+//! # the README results table: full sizes, 3 measured runs after a warm-up, JSON kept
+//! cargo run --release -p orchard-bench --bin orchard-engine-bench -- \
+//!     --repeat 3 --json results/engine-bench.json
+//! # smoke run in seconds
+//! cargo run -p orchard-bench --bin orchard-engine-bench -- --quick
+//! ```
+//!
+//! The Markdown tables go to stdout, progress to stderr. See [`orchard_bench::engine_bench`]
+//! for what each figure means.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use orchard_bench::engine_bench::{self, EngineBenchConfig, Sizes};
+use orchard_bench::progress::ProgressMode;
+use orchard_worker::model::gguf::default_model_path;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orchard-engine-bench",
+    version,
+    about = "Offline engine benchmark: Orchard's engine vs candle's quantized Llama, in-process"
+)]
+struct Cli {
+    /// The `.gguf` model; default: the model deploy/fetch-model.sh fetches.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads for both engines (rayon pool and candle's pool); default: all cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Small sizes (seconds): a smoke test of the whole benchmark, not a measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Measured runs of every measurement; the tables show the mean.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Unmeasured warm-up requests on each engine before measuring.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Also write the full report (every mean, min, max and token count) as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // candle sizes its own matmul pool from these when first used; set them before any
+        // thread starts. The engine's rayon pool is sized through `model.threads`.
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let sizes = match cli.quick {
+        true => Sizes::quick(),
+        false => Sizes::full(),
+    };
+    let config = EngineBenchConfig {
+        threads: cli.threads,
+        repeat: cli.repeat,
+        warmup: cli.warmup,
+        progress: match cli.quiet {
+            true => ProgressMode::Hidden,
+            false => ProgressMode::Auto,
+        },
+        ..EngineBenchConfig::new(cli.model.unwrap_or_else(default_model_path), sizes)
+    };
+    let report = engine_bench::run(&config).context("engine benchmark")?;
+    print!("{}", report.to_markdown());
+    if let Some(path) = &cli.json {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        report.write_json(path)?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
