@@ -120,7 +120,8 @@ pub enum EngineBenchError {
 pub struct EngineBenchConfig {
     /// The `.gguf` model file both engines load.
     pub model: PathBuf,
-    /// Compute threads (the engine's global rayon pool, `model.threads`); `None` = all cores.
+    /// Compute threads (the engine's own pool, `model.threads`; the binary sizes the global and
+    /// candle's pools to match); `None` = all cores.
     pub threads: Option<usize>,
     /// Measured runs of every measurement (results are averaged).
     pub repeat: u32,
