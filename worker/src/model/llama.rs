@@ -444,3 +444,90 @@ impl Llama {
         Ok((x + b.down.forward(&act)?)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(neox: bool) -> LlamaConfig {
+        LlamaConfig {
+            hidden_size: 128,
+            intermediate_size: 256,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 64,
+            vocab_size: 16,
+            rope_theta: 100_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 64,
+            rope_neox: neox,
+        }
+    }
+
+    /// Our rotary tables and rotation equal candle's (`rope_i` for GGUF Llama, `rope` for
+    /// half-split checkpoints) bit for bit, at several positions.
+    #[test]
+    fn rope_equals_candles_rotary_embedding() -> candle_core::Result<()> {
+        for neox in [false, true] {
+            let cfg = config(neox);
+            let rope = Rope::new(&cfg);
+            let (heads, d, positions) = (2usize, 64usize, [0u32, 1, 7, 63]);
+            let n = positions.len() * heads * d;
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let mut ours = x.clone();
+            rope.apply(&mut ours, &positions, d);
+            let dev = Device::Cpu;
+            // candle wants [batch, heads, seq, d] and [seq, d/2] tables.
+            let xs = Tensor::from_vec(x, (positions.len(), heads, d), &dev)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?;
+            let idx = Tensor::new(&positions, &dev)?;
+            let half = d / 2;
+            let cos =
+                Tensor::from_vec(rope.cos.clone(), (cfg.max_position_embeddings, half), &dev)?
+                    .index_select(&idx, 0)?;
+            let sin =
+                Tensor::from_vec(rope.sin.clone(), (cfg.max_position_embeddings, half), &dev)?
+                    .index_select(&idx, 0)?;
+            let theirs = match neox {
+                false => candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?,
+                true => candle_nn::rotary_emb::rope(&xs, &cos, &sin)?,
+            };
+            let theirs = theirs
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(ours, theirs, "neox = {neox}");
+        }
+        Ok(())
+    }
+
+    /// The tables equal the ones candle-transformers' `quantized_llama` builds
+    /// (`pos * inv_freq` as a `[max_pos, 1] x [1, d/2]` matmul, then `cos` / `sin`).
+    #[test]
+    fn rope_tables_equal_candles() -> candle_core::Result<()> {
+        let cfg = config(false);
+        let rope = Rope::new(&cfg);
+        let dev = Device::Cpu;
+        let d = cfg.head_dim;
+        let theta: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / d as f32))
+            .collect();
+        let theta = Tensor::new(theta.as_slice(), &dev)?.reshape((1, d / 2))?;
+        let max = cfg.max_position_embeddings;
+        let idx_theta = Tensor::arange(0, max as u32, &dev)?
+            .to_dtype(candle_core::DType::F32)?
+            .reshape((max, 1))?
+            .matmul(&theta)?;
+        assert_eq!(rope.cos, idx_theta.cos()?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(rope.sin, idx_theta.sin()?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+}
