@@ -31,11 +31,27 @@ fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// The reference's greedy continuation, with its logits at each step.
-fn reference(path: &std::path::Path, prompt: &[u32]) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+/// The default model's path; an error saying how to fetch it when it is missing.
+fn model_path() -> Result<std::path::PathBuf> {
+    let path = default_model_path();
+    anyhow::ensure!(
+        path.exists(),
+        "default model missing at {} (run deploy/fetch-model.sh)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// candle-transformers' `quantized_llama` on the model at `path`, with an empty KV cache.
+fn load_reference(path: &std::path::Path) -> Result<ModelWeights> {
     let mut reader = BufReader::new(File::open(path)?);
     let ct = candle_core::quantized::gguf_file::Content::read(&mut reader)?;
-    let mut m = ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?;
+    Ok(ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?)
+}
+
+/// The reference's greedy continuation, with its logits at each step.
+fn reference(path: &std::path::Path, prompt: &[u32]) -> Result<(Vec<u32>, Vec<Vec<f32>>)> {
+    let mut m = load_reference(path)?;
     let (mut tokens, mut logits) = (Vec::new(), Vec::new());
     let mut input = prompt.to_vec();
     let mut pos = 0;
@@ -107,12 +123,7 @@ fn ours_forced(
 /// Agreement between our argmax and the reference's over every teacher-forced position, with
 /// every mismatch checked to be a near-tie (reference top-2 logits within 0.5).
 fn compare_with_reference() -> Result<(usize, usize)> {
-    let path = default_model_path();
-    anyhow::ensure!(
-        path.exists(),
-        "default model missing at {} (run deploy/fetch-model.sh)",
-        path.display()
-    );
+    let path = model_path()?;
     let loaded = gguf::load(&path, &Device::Cpu)?;
     let tokenizer = gguf_tokenizer::from_gguf(&loaded.content)?;
     let (mut agree, mut total) = (0usize, 0usize);
@@ -172,16 +183,9 @@ fn argmax_agreement_with_candle_quantized_llama_reaches_98_percent() -> Result<(
 /// the LM head: our logits must equal the reference's bit for bit.
 #[test]
 fn single_token_logits_equal_the_reference_bit_for_bit() -> Result<()> {
-    let path = default_model_path();
-    anyhow::ensure!(
-        path.exists(),
-        "default model missing at {} (run deploy/fetch-model.sh)",
-        path.display()
-    );
+    let path = model_path()?;
     let loaded = gguf::load(&path, &Device::Cpu)?;
-    let mut reader = BufReader::new(File::open(&path)?);
-    let ct = candle_core::quantized::gguf_file::Content::read(&mut reader)?;
-    let mut reference = ModelWeights::from_gguf(ct, &mut reader, &Device::Cpu)?;
+    let mut reference = load_reference(&path)?;
     let cfg = loaded.model.config();
     for id in [1u32, 504, 28_000] {
         let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;

@@ -19,18 +19,6 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `y += a * x`.
-#[inline]
-pub fn axpy(isa: Isa, y: &mut [f32], a: f32, x: &[f32]) {
-    assert_eq!(y.len(), x.len(), "axpy: lengths");
-    match isa {
-        Isa::Scalar => y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x),
-        // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::axpy(y, a, x) },
-    }
-}
-
 /// `n` rows of a head's K or V inside a block of the KV store: row `j` is
 /// `data[j * stride + offset..][..d]` (the store keeps all KV heads of a slot side by side).
 #[derive(Clone, Copy)]
@@ -70,8 +58,7 @@ pub fn scores(isa: Isa, q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f3
     }
 }
 
-/// `y += sum_j p[j] * v_j` over one block's value rows, element by element in `j` order (the
-/// same operations as one [`axpy`] per row).
+/// `y += sum_j p[j] * v_j` over one block's value rows, element by element in `j` order.
 pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
     let d = y.len();
     assert!(
@@ -201,24 +188,6 @@ mod avx2 {
             i += 1;
         }
     }
-
-    /// SAFETY: avx2 and fma available; `y.len() == x.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len();
-        let (yp, xp) = (y.as_mut_ptr(), x.as_ptr());
-        let av = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)));
-            _mm256_storeu_ps(yp.add(i), v);
-            i += 8;
-        }
-        while i < n {
-            *yp.add(i) += a * *xp.add(i);
-            i += 1;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -232,8 +201,15 @@ mod tests {
         let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
         for isa in [Isa::Scalar, Isa::detect()] {
             assert!((dot(isa, &a, &b) as f64 - exact).abs() < 1e-4);
+            // One value row of 70: `y += 0.5 * a`.
             let mut y = b.clone();
-            axpy(isa, &mut y, 0.5, &a);
+            let rows = HeadRows {
+                data: &a,
+                stride: a.len(),
+                offset: 0,
+                n: 1,
+            };
+            weighted_sum(isa, &mut y, &[0.5], rows);
             for ((y, a), b) in y.iter().zip(&a).zip(&b) {
                 assert!((y - (b + 0.5 * a)).abs() < 1e-6);
             }
