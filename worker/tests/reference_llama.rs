@@ -67,13 +67,13 @@ fn reference(path: &std::path::Path, prompt: &[u32]) -> Result<(Vec<u32>, Vec<Ve
     Ok((tokens, logits))
 }
 
-/// One sequence through our model, fed `prompt` then `forced` one token at a time; the argmax
+/// One sequence through our model, fed `prompt` then `forced` one token at a time; the logits
 /// after the prompt and after each forced token.
 fn ours_forced(
     model: &orchard_worker::model::Llama,
     prompt: &[u32],
     forced: &[u32],
-) -> Result<Vec<u32>> {
+) -> Result<Vec<Vec<f32>>> {
     let cfg = model.config();
     let total = prompt.len() + forced.len();
     let blocks = total.div_ceil(BLOCK);
@@ -112,7 +112,7 @@ fn ours_forced(
             .forward(&batch, &mut kv)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
-        out.push(argmax(&row) as u32);
+        out.push(row);
         if let Some(&next) = forced.get(out.len() - 1) {
             feed = vec![next];
         }
@@ -120,13 +120,26 @@ fn ours_forced(
     Ok(out)
 }
 
-/// Agreement between our argmax and the reference's over every teacher-forced position, with
-/// every mismatch checked to be a near-tie (reference top-2 logits within 0.5).
-fn compare_with_reference() -> Result<(usize, usize)> {
+/// How our model compares with the reference over every teacher-forced position.
+struct Comparison {
+    /// Positions where our argmax equals the reference's.
+    agree: usize,
+    /// Positions where our logits equal the reference's bit for bit.
+    identical: usize,
+    total: usize,
+}
+
+/// Compares every teacher-forced position, checking that each argmax mismatch is a near-tie
+/// (reference top-2 logits within 0.5).
+fn compare_with_reference() -> Result<Comparison> {
     let path = model_path()?;
     let loaded = gguf::load(&path, &Device::Cpu)?;
     let tokenizer = gguf_tokenizer::from_gguf(&loaded.content)?;
-    let (mut agree, mut total) = (0usize, 0usize);
+    let mut c = Comparison {
+        agree: 0,
+        identical: 0,
+        total: 0,
+    };
     for prompt in PROMPTS {
         let ids = tokenizer
             .encode(prompt, false)
@@ -135,10 +148,14 @@ fn compare_with_reference() -> Result<(usize, usize)> {
             .to_vec();
         let (ref_tokens, ref_logits) = reference(&path, &ids)?;
         let ours = ours_forced(&loaded.model, &ids, &ref_tokens)?;
-        for (i, (&a, &b)) in ours.iter().zip(&ref_tokens).enumerate() {
-            total += 1;
+        for (i, (row, &b)) in ours.iter().zip(&ref_tokens).enumerate() {
+            c.total += 1;
+            if *row == ref_logits[i] {
+                c.identical += 1;
+            }
+            let a = argmax(row) as u32;
             if a == b {
-                agree += 1;
+                c.agree += 1;
                 continue;
             }
             let mut sorted = ref_logits[i].clone();
@@ -151,31 +168,52 @@ fn compare_with_reference() -> Result<(usize, usize)> {
             );
         }
     }
-    anyhow::ensure!(total == PROMPTS.len() * STEPS, "compared {total} positions");
-    Ok((agree, total))
+    anyhow::ensure!(c.total == PROMPTS.len() * STEPS, "compared {}", c.total);
+    Ok(c)
 }
 
+/// The bar: argmax agreement >= 98%, every mismatch a near-tie. Where candle's f32
+/// matmuls run gemm's AVX2 kernels (an x86-64 CPU with AVX2 and FMA but no AVX-512, like the
+/// CI machine) our attention follows their operation order, so every position's logits must
+/// also be the reference's bits.
 #[test]
-fn mismatches_with_candle_quantized_llama_are_near_ties() -> Result<()> {
-    let (agree, total) = compare_with_reference()?;
-    eprintln!("argmax agreement {agree}/{total}");
-    Ok(())
-}
-
-/// The bar. Measured 245/256 (95.7%) on 2026-11-23 with the candle-exact matmul
-/// kernels, all mismatches near-ties; left ignored until the remaining gap is found. It lies
-/// in attention over two or more positions: single-token logits are bit-identical (test
-/// below), a 2-token prompt already differs by up to 0.43 in a logit, and both models give the
-/// same logits for a prompt run at once or token by token.
-#[test]
-#[ignore = "measured 95.7% agreement (245/256); the bar is 98%"]
-fn argmax_agreement_with_candle_quantized_llama_reaches_98_percent() -> Result<()> {
-    let (agree, total) = compare_with_reference()?;
-    anyhow::ensure!(
-        agree * 100 >= total * 98,
-        "argmax agreement {agree}/{total} below 98%"
+fn teacher_forced_logits_agree_with_candle_quantized_llama() -> Result<()> {
+    let c = compare_with_reference()?;
+    eprintln!(
+        "argmax agreement {}/{}, bit-identical logits at {}/{} positions",
+        c.agree, c.total, c.identical, c.total
     );
+    anyhow::ensure!(
+        c.agree * 100 >= c.total * 98,
+        "argmax agreement {}/{} below 98%",
+        c.agree,
+        c.total
+    );
+    if gemm_runs_avx2_kernels() {
+        anyhow::ensure!(
+            c.identical == c.total,
+            "logits differ from the reference at {} of {} positions",
+            c.total - c.identical,
+            c.total
+        );
+    }
     Ok(())
+}
+
+/// Whether gemm (candle's f32 matmul) picks its AVX2 + FMA kernels on this CPU, the ones our
+/// attention kernels reproduce.
+fn gemm_runs_avx2_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+            && !is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// With one token the attention is a softmax over one position, so this compares everything

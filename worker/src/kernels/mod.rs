@@ -50,26 +50,25 @@ pub(crate) const TOKEN_TILE: usize = 16;
 
 /// A block of a row-parallel product handed to one task: weight rows `rows` against tokens
 /// `tokens`. The task writes the product of row `r` and token `ti` at `index(r, ti)` of the
-/// slice it is given.
+/// slice it is given (token-major: each token's rows are contiguous).
 #[derive(Debug, Clone)]
 pub(crate) struct Tile {
     pub rows: std::ops::Range<usize>,
     pub tokens: std::ops::Range<usize>,
-    /// Distance between consecutive rows in the task's output slice.
-    stride: usize,
 }
 
 impl Tile {
     /// Where the product of weight row `r` and token `ti` goes in the task's output slice.
     #[inline]
     pub fn index(&self, r: usize, ti: usize) -> usize {
-        (r - self.rows.start) * self.stride + (ti - self.tokens.start)
+        (ti - self.tokens.start) * self.rows.len() + (r - self.rows.start)
     }
 }
 
 /// Fills `out[t, n_out]` by calling `tile(tile, out)` for contiguous runs of weight rows and
 /// tiles of tokens. Weight rows are spread over the rayon pool so each weight byte is read
-/// from memory once per call, however many tokens the step holds.
+/// from memory once per call, however many tokens the step holds; each task writes its own
+/// columns of every token's output row, so nothing is transposed afterwards.
 pub(crate) fn par_rows<F>(job: RowsJob, out: &mut [f32], tile: F)
 where
     F: Fn(Tile, &mut [f32]) + Sync,
@@ -84,44 +83,41 @@ where
         out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
             let r0 = ci * chunk;
             let rows = r0..r0 + o.len();
-            tile(
-                Tile {
-                    rows,
-                    tokens: 0..1,
-                    stride: 1,
-                },
-                o,
-            );
+            tile(Tile { rows, tokens: 0..1 }, o);
         });
         return;
     }
-    // Compute into `[n_out, t]` so each task owns contiguous memory, then transpose.
-    let mut tmp = vec![0f32; t * n_out];
-    tmp.par_chunks_mut(chunk * t)
-        .enumerate()
-        .for_each(|(ci, o)| {
-            let r0 = ci * chunk;
-            let rows = r0..r0 + o.len() / t;
-            for t0 in (0..t).step_by(TOKEN_TILE) {
-                let t1 = (t0 + TOKEN_TILE).min(t);
-                let tokens = t0..t1;
-                let stride = t;
-                let rows = rows.clone();
-                tile(
-                    Tile {
-                        rows,
-                        tokens,
-                        stride,
-                    },
-                    &mut o[t0..],
-                );
-            }
-        });
-    for (r, row) in tmp.chunks_exact(t).enumerate() {
-        for (ti, &v) in row.iter().enumerate() {
-            out[ti * n_out + r] = v;
+    // Task `ci` owns columns `ci * chunk..` of every token's row.
+    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n_out.div_ceil(chunk))
+        .map(|_| Vec::with_capacity(t))
+        .collect();
+    for row in out.chunks_mut(n_out) {
+        for (task, piece) in pieces.iter_mut().zip(row.chunks_mut(chunk)) {
+            task.push(piece);
         }
     }
+    pieces
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(ci, mut columns)| {
+            let r0 = ci * chunk;
+            let rows = r0..r0 + columns.first().map_or(0, |c| c.len());
+            let mut buf = vec![0f32; TOKEN_TILE * rows.len()];
+            for t0 in (0..t).step_by(TOKEN_TILE) {
+                let tokens = t0..(t0 + TOKEN_TILE).min(t);
+                let width = rows.len();
+                tile(
+                    Tile {
+                        rows: rows.clone(),
+                        tokens: tokens.clone(),
+                    },
+                    &mut buf,
+                );
+                for (ti, src) in tokens.zip(buf.chunks_exact(width)) {
+                    columns[ti].copy_from_slice(src);
+                }
+            }
+        });
 }
 
 /// Weight rows a SIMD kernel computes together: independent accumulator chains hide the FMA

@@ -1,13 +1,24 @@
-//! f32 vector helpers for the CPU model path: dot products and `y += a * x` for attention, and
+//! f32 vector helpers for the CPU model path: attention scores, softmax and weighted sums, and
 //! the element-wise RMSNorm and SwiGLU the layers apply to each row.
 //!
-//! RMSNorm and SiLU use the same formulas and summation order as candle's CPU ops
-//! (`candle_nn::ops::rms_norm`, `Tensor::silu`) so the CPU fast path stays numerically next to
-//! the candle reference model.
+//! Every helper uses the same formulas and the same order of floating-point operations as the
+//! candle CPU ops the reference model runs (`candle_nn::ops::rms_norm`, `Tensor::silu`,
+//! `softmax_last_dim`, and the `gemm` kernels behind `Tensor::matmul` for attention's shapes),
+//! so the CPU fast path gives the reference's bits, not just values near them:
+//!
+//! - a score `q · k` is one 8-lane FMA chain over the head dimension followed by the pairwise
+//!   horizontal sum of `gemm`'s horizontal kernel (what `q k^T` runs for up to 256 outputs);
+//! - a softmax sum is candle's `vec_sum` (four 8-lane accumulators over 32-element chunks, a
+//!   fixed reduction tree, then the tail one by one) when AVX2 is present, a plain sequential
+//!   sum otherwise;
+//! - a weighted sum of value rows is one FMA per row in position order (`gemm`'s `gemv` and
+//!   microkernel for `p · V`), except over exactly two rows, which `gemm` sums unfused.
 
 use super::Isa;
 
-/// `sum(a[i] * b[i])`.
+/// `sum(a[i] * b[i])`, as `gemm`'s horizontal kernel orders it: lane `i % 8` accumulates
+/// `a[i] * b[i]` with FMA in index order, then the lanes are summed pairwise
+/// (`(l0 + l4) + (l2 + l6)` + `(l1 + l5) + (l3 + l7)`).
 #[inline]
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot: lengths");
@@ -17,6 +28,49 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::dot(a, b) },
     }
+}
+
+/// In place: `x[i] = exp(x[i] - max) / sum_j exp(x[j] - max)`, with candle's
+/// `softmax_last_dim` arithmetic (`f32::exp`, the sum as candle's `vec_sum` orders it for `isa`,
+/// then a division per element). An empty slice is left as it is.
+pub fn softmax(isa: Isa, x: &mut [f32]) {
+    let Some(max) = x.iter().copied().reduce(f32::max) else {
+        return;
+    };
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+    }
+    let sum = match isa {
+        Isa::Scalar => x.iter().fold(0.0f32, |s, &v| s + v),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => chunked_sum(x),
+    };
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// candle's AVX `vec_sum`: 32-element chunks into four 8-lane accumulators, the accumulators
+/// reduced as `((a0 + a1) + (a2 + a3))`, its lanes as `(l0 + l4) + (l1 + l5)` +
+/// `(l2 + l6) + (l3 + l7)`, then the elements after the last whole chunk added one by one.
+#[cfg(target_arch = "x86_64")]
+fn chunked_sum(x: &[f32]) -> f32 {
+    let mut acc = [[0f32; 8]; 4];
+    let chunks = x.chunks_exact(32);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, part) in acc.iter_mut().zip(chunk.chunks_exact(8)) {
+            a.iter_mut().zip(part).for_each(|(a, &v)| *a += v);
+        }
+    }
+    let lanes: [f32; 8] =
+        std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let t0: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
+    let mut sum = (t0[0] + t0[1]) + (t0[2] + t0[3]);
+    for &v in tail {
+        sum += v;
+    }
+    sum
 }
 
 /// `n` rows of a head's K or V inside a block of the KV store: row `j` is
@@ -70,7 +124,7 @@ pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
             for (j, &a) in p[..values.n].iter().enumerate() {
                 y.iter_mut()
                     .zip(values.row(j, d))
-                    .for_each(|(y, &x)| *y += a * x);
+                    .for_each(|(y, &x)| *y = a.mul_add(x, *y));
             }
         }
         // SAFETY: `Avx2` only comes from runtime detection; every row checked by `fits`.
@@ -79,22 +133,26 @@ pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
     }
 }
 
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums so the compiler can vectorize without reassociating.
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *a += x * y;
-        }
+/// [`dot`]'s order with `f32::mul_add` (a fused multiply-add, as the AVX2 path uses).
+/// `y = p[0] * v_0 + p[1] * v_1` with each product rounded before the sum: `gemm` computes a
+/// product whose inner dimension is 2 this way (its `gevv`), not with FMA, so a softmax over
+/// exactly two positions is weighted like this.
+pub fn weighted_pair(y: &mut [f32], p: [f32; 2], values: HeadRows<'_>) {
+    let d = y.len();
+    assert!(values.fits(d) && values.n == 2, "weighted_pair: lengths");
+    let (v0, v1) = (values.row(0, d), values.row(1, d));
+    for ((y, &a), &b) in y.iter_mut().zip(v0).zip(v1) {
+        *y = p[1] * b + p[0] * a;
     }
-    acc.iter().sum::<f32>() + tail
+}
+
+fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        lanes[i % 8] = x.mul_add(y, lanes[i % 8]);
+    }
+    let t0: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
+    (t0[0] + t0[2]) + (t0[1] + t0[3])
 }
 
 /// RMSNorm of each `weight.len()`-wide row of `x` into `out`, as candle computes it.
@@ -134,35 +192,58 @@ mod avx2 {
     pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut acc = _mm256_setzero_ps();
         let mut i = 0;
-        while i + 16 <= n {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(ap.add(i + 8)),
-                _mm256_loadu_ps(bp.add(i + 8)),
-                acc1,
+        while i + 8 <= n {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc);
+            i += 8;
+        }
+        if i < n {
+            // The tail goes into the low lanes, zero-padded, as gemm's masked load does.
+            let (mut x, mut y) = ([0f32; 8], [0f32; 8]);
+            x[..n - i].copy_from_slice(&a[i..]);
+            y[..n - i].copy_from_slice(&b[i..]);
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(x.as_ptr()),
+                _mm256_loadu_ps(y.as_ptr()),
+                acc,
             );
-            i += 16;
         }
-        let mut sum = hsum(_mm256_add_ps(acc0, acc1));
-        while i < n {
-            sum += a[i] * b[i];
-            i += 1;
-        }
-        sum
+        hsum(acc)
     }
 
     /// SAFETY: avx2 and fma available; `keys.fits(q.len())`, `out.len() >= keys.n`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores(q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
         let d = q.len();
-        for (j, o) in out[..keys.n].iter_mut().enumerate() {
-            let k = std::slice::from_raw_parts(
-                keys.data.as_ptr().add(j * keys.stride + keys.offset),
-                d,
-            );
-            *o = dot(q, k) * scale;
+        if d % 8 != 0 {
+            for (j, o) in out[..keys.n].iter_mut().enumerate() {
+                *o = dot(q, keys.row(j, d)) * scale;
+            }
+            return;
+        }
+        // Four keys at a time: four independent FMA chains per query load, each in `dot`'s
+        // order, so the scores are `dot`'s bits.
+        let (qp, base) = (q.as_ptr(), keys.data.as_ptr().add(keys.offset));
+        let mut j = 0;
+        while j + 4 <= keys.n {
+            let k: [*const f32; 4] = std::array::from_fn(|u| base.add((j + u) * keys.stride));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < d {
+                let x = _mm256_loadu_ps(qp.add(i));
+                for (a, kp) in acc.iter_mut().zip(k) {
+                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(kp.add(i)), *a);
+                }
+                i += 8;
+            }
+            for (u, a) in acc.into_iter().enumerate() {
+                out[j + u] = hsum(a) * scale;
+            }
+            j += 4;
+        }
+        for (jj, o) in out[j..keys.n].iter_mut().enumerate() {
+            *o = dot(q, keys.row(j + jj, d)) * scale;
         }
     }
 
@@ -172,18 +253,29 @@ mod avx2 {
         let d = y.len();
         let (yp, base) = (y.as_mut_ptr(), values.data.as_ptr().add(values.offset));
         let mut i = 0;
+        // Up to 64 columns per pass in registers, so the FMA chains of different columns
+        // overlap; each column still adds its rows in `j` order.
         while i + 8 <= d {
-            let mut acc = _mm256_loadu_ps(yp.add(i));
-            for (j, &a) in p[..values.n].iter().enumerate() {
-                let x = _mm256_loadu_ps(base.add(j * values.stride + i));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(a), x, acc);
+            let lanes = ((d - i) / 8).min(8);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (c, a) in acc[..lanes].iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(yp.add(i + 8 * c));
             }
-            _mm256_storeu_ps(yp.add(i), acc);
-            i += 8;
+            for (j, &a) in p[..values.n].iter().enumerate() {
+                let w = _mm256_set1_ps(a);
+                let row = base.add(j * values.stride + i);
+                for (c, acc) in acc[..lanes].iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * c)), *acc);
+                }
+            }
+            for (c, a) in acc[..lanes].iter().enumerate() {
+                _mm256_storeu_ps(yp.add(i + 8 * c), *a);
+            }
+            i += 8 * lanes;
         }
         while i < d {
             for (j, &a) in p[..values.n].iter().enumerate() {
-                *yp.add(i) += a * *base.add(j * values.stride + i);
+                *yp.add(i) = a.mul_add(*base.add(j * values.stride + i), *yp.add(i));
             }
             i += 1;
         }
@@ -214,6 +306,80 @@ mod tests {
                 assert!((y - (b + 0.5 * a)).abs() < 1e-6);
             }
         }
+    }
+
+    fn wave(n: usize, f: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * f + 0.3).sin() * 3.0).collect()
+    }
+
+    /// Scores, softmax and weighted sum give the bits of candle's `q k^T`, `softmax_last_dim`
+    /// and `p V` for a decode-shaped attention row (one query, `n` positions, head dim 64),
+    /// on both instruction sets where candle takes the same path.
+    #[test]
+    fn attention_steps_equal_candles_ops_bit_for_bit() -> candle_core::Result<()> {
+        use candle_core::{Device, Tensor};
+        let d = 64;
+        for n in [1usize, 2, 7, 31, 32, 45, 100, 256] {
+            let q = wave(d, 0.37);
+            let k = wave(n * d, 0.11);
+            let v = wave(n * d, 0.23);
+            let scale = 1.0 / (d as f32).sqrt();
+            let dev = &Device::Cpu;
+            let qt = Tensor::from_vec(q.clone(), (1, d), dev)?;
+            let kt = Tensor::from_vec(k.clone(), (n, d), dev)?;
+            let vt = Tensor::from_vec(v.clone(), (n, d), dev)?;
+            let att = (qt.matmul(&kt.t()?)? / (d as f64).sqrt())?;
+            let want_scores = att.flatten_all()?.to_vec1::<f32>()?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let want_probs = att.flatten_all()?.to_vec1::<f32>()?;
+            let want_out = att.matmul(&vt)?.flatten_all()?.to_vec1::<f32>()?;
+            // candle's own AVX2 detection decides its softmax sum; ours must follow the same.
+            let isas = if Isa::detect() == Isa::Scalar {
+                vec![Isa::Scalar]
+            } else {
+                vec![Isa::detect()]
+            };
+            for isa in isas {
+                let keys = HeadRows {
+                    data: &k,
+                    stride: d,
+                    offset: 0,
+                    n,
+                };
+                let mut p = vec![0f32; n];
+                scores(isa, &q, keys, scale, &mut p);
+                assert_eq!(p, want_scores, "{isa:?} scores, n = {n}");
+                softmax(isa, &mut p);
+                assert_eq!(p, want_probs, "{isa:?} softmax, n = {n}");
+                let mut out = vec![0f32; d];
+                let values = HeadRows { data: &v, ..keys };
+                if n == 2 {
+                    weighted_pair(&mut out, [p[0], p[1]], values);
+                } else {
+                    weighted_sum(isa, &mut out, &p, values);
+                }
+                assert_eq!(out, want_out, "{isa:?} weighted sum, n = {n}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The scalar path computes the AVX2 path's bits, tails included.
+    #[test]
+    fn dot_and_softmax_are_the_same_on_both_instruction_sets() {
+        let isa = Isa::detect();
+        for n in [1usize, 5, 8, 13, 64, 70] {
+            let (a, b) = (wave(n, 0.37), wave(n, 0.11));
+            assert_eq!(dot(Isa::Scalar, &a, &b), dot(isa, &a, &b), "dot, n = {n}");
+        }
+        // Below one 32-element chunk candle's AVX2 sum is the sequential sum.
+        let mut x = wave(31, 0.7);
+        let mut y = x.clone();
+        softmax(Isa::Scalar, &mut x);
+        softmax(isa, &mut y);
+        assert_eq!(x, y);
+        let total: f32 = x.iter().sum();
+        assert!((total - 1.0).abs() < 1e-6);
     }
 
     #[test]

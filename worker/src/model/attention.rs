@@ -2,10 +2,11 @@
 //! implementations that must agree:
 //!
 //! - [`paged_attention`]: the CPU kernel. Each query token walks its sequence's block table one
-//!   KV block at a time with an online (single-pass, FlashAttention-style) softmax, so no score
-//!   matrix is materialised; the query heads that share a KV head (GQA) are processed together
-//!   so each K/V row is read once per group; a causal offset (the token's absolute position)
-//!   lets a prefill chunk see the tokens cached before it plus the chunk up to itself.
+//!   KV block at a time, twice: scores, then (after a softmax per head) the weighted sum of
+//!   values, each in candle's floating-point order so the result is the reference's bits; the
+//!   query heads that share a KV head (GQA) are processed together so each K/V block is
+//!   visited once per group; a causal offset (the token's absolute position) lets a prefill
+//!   chunk see the tokens cached before it plus the chunk up to itself.
 //! - [`attention_candle`]: the generic path built from candle ops (gather the sequence's
 //!   blocks, `q k^T`, masked softmax, `· v`), which runs on any candle device (Metal, CUDA).
 
@@ -94,13 +95,13 @@ struct TokenQuery<'a> {
     ctx: usize,
 }
 
-/// Running softmax state of one query head.
-struct HeadState {
-    max: f32,
-    sum: f32,
-}
-
-/// One token, all heads, online softmax over the KV blocks of its first `ctx` positions.
+/// One token, all heads: scores against its first `ctx` positions block by block, a softmax
+/// per head, then the weighted sum of the value rows block by block.
+///
+/// Two passes rather than an online softmax, so that each step is the operation candle's
+/// reference runs (`q k^T`, `softmax_last_dim`, `p V`) in the same floating-point order (see
+/// `kernels::vec`): the model's attention then gives candle's bits. Scores live in a buffer of
+/// `group * ctx` floats per KV head.
 fn attend_token(
     token: &TokenQuery<'_>,
     out_row: &mut [f32],
@@ -109,58 +110,50 @@ fn attend_token(
     heads: HeadLayout,
     isa: Isa,
 ) {
-    let (d, group) = (heads.head_dim, heads.group());
+    let (d, group, ctx) = (heads.head_dim, heads.group(), token.ctx);
     let bs = kv.config().block_size;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0f32; group * bs];
+    let mut probs = vec![0f32; group * ctx];
     out_row.fill(0.0);
+    // The blocks holding positions `0..ctx`, with their first position and row count.
+    let blocks = || {
+        token
+            .table
+            .iter()
+            .enumerate()
+            .map(move |(bi, &block)| (block as usize, bi * bs))
+            .take_while(move |&(_, first)| first < ctx)
+            .map(move |(block, first)| (block, first, bs.min(ctx - first)))
+    };
     for g in 0..heads.num_kv_heads {
         let qs = &token.q_row[g * group * d..(g + 1) * group * d];
         let acc = &mut out_row[g * group * d..(g + 1) * group * d];
-        let mut state: Vec<HeadState> = (0..group)
-            .map(|_| HeadState {
-                max: f32::NEG_INFINITY,
-                sum: 0.0,
-            })
-            .collect();
-        for (bi, &block) in token.table.iter().enumerate() {
-            let first = bi * bs;
-            if first >= token.ctx {
-                break;
-            }
-            let n = bs.min(token.ctx - first);
-            let (keys, values) = kv.rows(layer, block as usize * bs, n);
-            let rows = |data| vec::HeadRows {
-                data,
-                stride: heads.num_kv_heads * d,
-                offset: g * d,
-                n,
-            };
-            for h in 0..group {
-                let s = &mut scores[h * bs..h * bs + n];
-                vec::scores(isa, &qs[h * d..(h + 1) * d], rows(keys), scale, s);
-            }
-            for (h, st) in state.iter_mut().enumerate() {
-                let s = &mut scores[h * bs..h * bs + n];
-                let acc_h = &mut acc[h * d..(h + 1) * d];
-                let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let new_max = st.max.max(block_max);
-                if st.max > f32::NEG_INFINITY && new_max > st.max {
-                    let c = (st.max - new_max).exp();
-                    acc_h.iter_mut().for_each(|a| *a *= c);
-                    st.sum *= c;
-                }
-                st.max = new_max;
-                for x in s.iter_mut() {
-                    *x = (*x - new_max).exp();
-                    st.sum += *x;
-                }
-                vec::weighted_sum(isa, acc_h, s, rows(values));
+        let rows = |data, n| vec::HeadRows {
+            data,
+            stride: heads.num_kv_heads * d,
+            offset: g * d,
+            n,
+        };
+        for (block, first, n) in blocks() {
+            let (keys, _) = kv.rows(layer, block * bs, n);
+            for (h, p) in probs.chunks_exact_mut(ctx).enumerate() {
+                let q = &qs[h * d..(h + 1) * d];
+                vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
             }
         }
-        for (h, st) in state.iter().enumerate() {
-            let inv = if st.sum > 0.0 { 1.0 / st.sum } else { 0.0 };
-            acc[h * d..(h + 1) * d].iter_mut().for_each(|a| *a *= inv);
+        for p in probs.chunks_exact_mut(ctx) {
+            vec::softmax(isa, p);
+        }
+        for (block, first, n) in blocks() {
+            let (_, values) = kv.rows(layer, block * bs, n);
+            for (h, p) in probs.chunks_exact(ctx).enumerate() {
+                let acc_h = &mut acc[h * d..(h + 1) * d];
+                if ctx == 2 && n == 2 {
+                    vec::weighted_pair(acc_h, [p[0], p[1]], rows(values, n));
+                } else {
+                    vec::weighted_sum(isa, acc_h, &p[first..first + n], rows(values, n));
+                }
+            }
         }
     }
 }

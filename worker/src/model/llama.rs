@@ -11,6 +11,7 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::attention::{attention_candle, paged_attention, HeadLayout};
 use super::kv_store::KvStore;
@@ -387,9 +388,12 @@ impl Llama {
         let gu = b.gate_up.forward_cpu(&h, t)?;
         let ff = self.cfg.intermediate_size;
         let mut act = vec![0f32; t * ff];
-        for (row, out) in gu.chunks_exact(2 * ff).zip(act.chunks_exact_mut(ff)) {
-            vec::swiglu(&row[..ff], &row[ff..], out);
-        }
+        // A prefill's rows on the pool (one `exp` per element); a decode token's on this thread.
+        let min_rows = if t >= 4 { 1 } else { usize::MAX };
+        gu.par_chunks_exact(2 * ff)
+            .zip(act.par_chunks_exact_mut(ff))
+            .with_min_len(min_rows)
+            .for_each(|(row, out)| vec::swiglu(&row[..ff], &row[ff..], out));
         let d = b.down.forward_cpu(&act, t)?;
         x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         Ok(())

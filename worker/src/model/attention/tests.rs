@@ -37,9 +37,14 @@ struct Seq {
 /// Fills the store with random K/V for every position of every sequence and builds the step.
 fn setup(seqs: &[Seq], rng: &mut Lcg) -> (KvStore, StepBatch) {
     let kv_dim = HEADS.num_kv_heads * HEADS.head_dim;
+    let blocks = seqs
+        .iter()
+        .flat_map(|s| s.table.iter())
+        .max()
+        .map_or(0, |&b| b + 1);
     let mut kv = KvStore::new(KvStoreConfig {
         num_layers: 2,
-        num_blocks: 32,
+        num_blocks: (blocks as usize).max(32),
         block_size: BLOCK,
         kv_dim,
     });
@@ -111,6 +116,40 @@ fn cpu_kernel_matches_candle_ops_on_mixed_step() -> candle_core::Result<()> {
     assert_eq!(ours.len(), generic.len());
     let diff = max_abs_diff(&ours, &generic);
     assert!(diff < 1e-5, "cpu vs candle: max abs diff {diff}");
+    Ok(())
+}
+
+/// Decode tokens (one query per sequence, up to 256 positions, where candle's `q k^T` runs
+/// gemm's horizontal kernel): the CPU kernel gives the candle path's bits, not just its values.
+#[test]
+fn decode_tokens_equal_candle_ops_bit_for_bit() -> candle_core::Result<()> {
+    let mut rng = Lcg(11);
+    let mut next_block = 0u32;
+    let seqs: Vec<Seq> = [1usize, 2, 3, 17, 33, 90, 256]
+        .into_iter()
+        .map(|ctx| {
+            let n = ctx.div_ceil(BLOCK) as u32;
+            // Blocks in reverse order, so the table is really followed.
+            let table = (next_block..next_block + n).rev().collect();
+            next_block += n;
+            Seq {
+                table,
+                cached: ctx - 1,
+                new: 1,
+            }
+        })
+        .collect();
+    let (kv, batch) = setup(&seqs, &mut rng);
+    let width = HEADS.num_heads * HEADS.head_dim;
+    let q = rng.vec(batch.num_tokens() * width);
+    let ours = paged_attention(&q, &batch, &kv, 1, HEADS);
+    let qt = Tensor::from_vec(q, (batch.num_tokens(), width), &Device::Cpu)?;
+    let generic = attention_candle(&qt, &batch, &kv, 1, HEADS)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    for (t, (a, b)) in ours.chunks(width).zip(generic.chunks(width)).enumerate() {
+        assert_eq!(a, b, "token {t} (context {})", batch.positions[t] + 1);
+    }
     Ok(())
 }
 
