@@ -76,6 +76,10 @@ impl Q8_1Activations {
     /// Quantizes `t` rows of `k` activations (`k` a multiple of 32), exactly like candle's
     /// `BlockQ8_1::from_float`, so results line up with candle's `QMatMul`.
     pub fn quantize(x: &[f32], t: usize, k: usize) -> Self {
+        Self::quantize_with(x, t, k, Isa::detect())
+    }
+
+    fn quantize_with(x: &[f32], t: usize, k: usize, isa: Isa) -> Self {
         assert_eq!(x.len(), t * k, "Q8_1Activations::quantize: x length");
         assert!(k.is_multiple_of(QK), "Q8_1Activations::quantize: k % 32");
         let nb = k / QK;
@@ -99,7 +103,13 @@ impl Q8_1Activations {
         };
         blocks
             .with_min_len(min_blocks)
-            .for_each(|(((xb, qb), d), s)| quantize_block(xb, qb, d, s));
+            .for_each(|(((xb, qb), d), s)| match isa {
+                Isa::Scalar => quantize_block(xb, qb, d, s),
+                // SAFETY: `Avx2` only comes from runtime detection (avx2, fma, f16c); blocks
+                // are 32 values (`k % 32 == 0` asserted above).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2::quantize_block(xb, qb, d, s) },
+            });
         act
     }
     /// Number of rows (tokens).
@@ -407,6 +417,61 @@ mod avx2 {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 
+    /// One f32 rounded to f16 (round to nearest even, as `half::f16::from_f32`) and back.
+    ///
+    /// SAFETY: caller ensures f16c.
+    #[inline(always)]
+    unsafe fn through_f16(x: f32) -> f32 {
+        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
+        _mm_cvtss_f32(_mm_cvtph_ps(h))
+    }
+
+    /// [`super::quantize_block`] with AVX2: the same `amax`, `1 / d`, products, rounding
+    /// (halves away from zero, from a truncation) and f16 roundings, so the same bits.
+    ///
+    /// SAFETY: caller ensures avx2 + f16c; `xb` and `qb` hold 32 values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(xb: &[f32], qb: &mut [i8], d: &mut f32, s: &mut f32) {
+        debug_assert!(xb.len() == QK && qb.len() == QK);
+        let sign = _mm256_set1_ps(-0.0);
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xb.as_ptr().add(8 * i)));
+        let abs = v.map(|x| _mm256_andnot_ps(sign, x));
+        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+        let dx = amax / 127.0;
+        let id = _mm256_set1_ps(if dx != 0.0 { 1.0 / dx } else { 0.0 });
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        let q = v.map(|x| {
+            let x = _mm256_mul_ps(x, id);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+            let away = _mm256_or_ps(_mm256_and_ps(x, sign), one);
+            _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, away)))
+        });
+        let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let t4 = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256::<1>(total),
+        );
+        let t2 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32::<1>(t2)));
+        // i32 -> i8 (every value is within [-127, 127], so nothing saturates), then undo the
+        // 128-bit-lane interleaving of the two packs.
+        let w01 = _mm256_packs_epi32(q[0], q[1]);
+        let w23 = _mm256_packs_epi32(q[2], q[3]);
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(w01, w23),
+            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+        );
+        _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, bytes);
+        let dh = through_f16(dx);
+        *d = dh;
+        *s = through_f16(through_f16(sum as f32) * dh);
+    }
+
     /// Four activation bytes broadcast to every 32-bit lane.
     ///
     /// SAFETY: caller ensures avx2 and 4 readable bytes at `p`.
@@ -466,6 +531,26 @@ mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
+
+    #[test]
+    fn simd_quantization_gives_the_scalar_bits() {
+        if Isa::detect() == Isa::Scalar {
+            return;
+        }
+        let mut x: Vec<f32> = (0..32 * 40)
+            .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi((i / 32) as i32 % 9 - 4))
+            .collect();
+        x[32..64].fill(0.0); // an all-zero block
+        x[64..96].fill(-3.5); // every value at the block's max
+        x[96] = 127.0 * 0.5; // halves after scaling
+        let (scalar, simd) = (
+            Q8_1Activations::quantize_with(&x, 40, 32, Isa::Scalar),
+            Q8_1Activations::quantize(&x, 40, 32),
+        );
+        assert_eq!(scalar.q, simd.q);
+        assert_eq!(scalar.d, simd.d);
+        assert_eq!(scalar.s, simd.s);
+    }
 
     #[test]
     fn round_half_away_equals_f32_round() {

@@ -32,9 +32,14 @@ impl HeadLayout {
     }
 }
 
-/// Tokens below this count run attention on the calling thread: rayon's hand-off costs more
-/// than a decode step's attention for a handful of tokens.
+/// From this many tokens a step's attention is spread over the pool one (token, KV head) at a
+/// time, so the query heads of a GQA group share their K/V block visits.
 const PARALLEL_MIN_TOKENS: usize = 4;
+
+/// A step with fewer tokens (decode) goes parallel one (token, query head) at a time once its
+/// attention covers this many (head, position) pairs; below it, rayon's hand-off costs more
+/// than the work.
+const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
 
 /// Computes attention for every token of `batch` in `layer` on the CPU.
 ///
@@ -47,31 +52,48 @@ pub fn paged_attention(
     layer: usize,
     heads: HeadLayout,
 ) -> Vec<f32> {
-    let width = heads.num_heads * heads.head_dim;
+    let (width, d) = (heads.num_heads * heads.head_dim, heads.head_dim);
     let mut out = vec![0.0f32; q.len()];
     let owners = token_owners(batch);
     let isa = Isa::detect();
-    let one = |t: usize, out_row: &mut [f32], q_row: &[f32]| {
-        let Some(&s) = owners.get(t) else { return };
-        let Some(&pos) = batch.positions.get(t) else {
+    let tokens = owners.len().min(q.len() / width.max(1));
+    // Heads `first..first + count` of token `t` into `o` (those heads' slice of its row).
+    let unit = |t: usize, first: usize, o: &mut [f32]| {
+        let (Some(&s), Some(&pos)) = (owners.get(t), batch.positions.get(t)) else {
             return;
         };
         let token = TokenQuery {
-            q_row,
+            q_row: &q[t * width..(t + 1) * width],
             table: &batch.seqs[s].block_table,
             ctx: pos as usize + 1,
         };
-        attend_token(&token, out_row, kv, layer, heads, isa);
+        attend_heads(&token, first..first + o.len() / d, o, kv, layer, heads, isa);
     };
-    if owners.len() < PARALLEL_MIN_TOKENS {
-        for (t, (o, q)) in out.chunks_mut(width).zip(q.chunks(width)).enumerate() {
-            one(t, o, q);
-        }
-    } else {
-        out.par_chunks_mut(width)
-            .zip(q.par_chunks(width))
+    let out_rows = &mut out[..tokens * width];
+    let group_width = heads.group() * d;
+    let head_positions: usize = batch
+        .positions
+        .iter()
+        .take(tokens)
+        .map(|&p| (p as usize + 1) * heads.num_heads)
+        .sum();
+    if tokens >= PARALLEL_MIN_TOKENS {
+        let per_token = heads.num_kv_heads;
+        out_rows
+            .par_chunks_mut(group_width)
             .enumerate()
-            .for_each(|(t, (o, q))| one(t, o, q));
+            .for_each(|(u, o)| unit(u / per_token, (u % per_token) * heads.group(), o));
+    } else if head_positions >= PARALLEL_MIN_HEAD_POSITIONS {
+        let per_token = heads.num_heads;
+        out_rows
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(u, o)| unit(u / per_token, u % per_token, o));
+    } else {
+        for (u, o) in out_rows.chunks_mut(group_width).enumerate() {
+            let per_token = heads.num_kv_heads;
+            unit(u / per_token, (u % per_token) * heads.group(), o);
+        }
     }
     out
 }
@@ -95,26 +117,30 @@ struct TokenQuery<'a> {
     ctx: usize,
 }
 
-/// One token, all heads: scores against its first `ctx` positions block by block, a softmax
-/// per head, then the weighted sum of the value rows block by block.
+/// Query heads `heads_range` of one token (all in one KV head's group), into `out` (those
+/// heads' `head_dim`-wide slices, in order): scores against the token's first `ctx` positions
+/// block by block, a softmax per head, then the weighted sum of the value rows block by block.
 ///
 /// Two passes rather than an online softmax, so that each step is the operation candle's
 /// reference runs (`q k^T`, `softmax_last_dim`, `p V`) in the same floating-point order (see
-/// `kernels::vec`): the model's attention then gives candle's bits. Scores live in a buffer of
-/// `group * ctx` floats per KV head.
-fn attend_token(
+/// `kernels::vec`): the model's attention then gives candle's bits, however the heads and
+/// tokens are spread over threads. Scores live in a buffer of `heads * ctx` floats.
+fn attend_heads(
     token: &TokenQuery<'_>,
-    out_row: &mut [f32],
+    heads_range: std::ops::Range<usize>,
+    out: &mut [f32],
     kv: &KvStore,
     layer: usize,
     heads: HeadLayout,
     isa: Isa,
 ) {
-    let (d, group, ctx) = (heads.head_dim, heads.group(), token.ctx);
+    let (d, ctx) = (heads.head_dim, token.ctx);
+    let g = heads_range.start / heads.group();
     let bs = kv.config().block_size;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut probs = vec![0f32; group * ctx];
-    out_row.fill(0.0);
+    let mut probs = vec![0f32; heads_range.len() * ctx];
+    out.fill(0.0);
+    let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
     // The blocks holding positions `0..ctx`, with their first position and row count.
     let blocks = || {
         token
@@ -125,34 +151,28 @@ fn attend_token(
             .take_while(move |&(_, first)| first < ctx)
             .map(move |(block, first)| (block, first, bs.min(ctx - first)))
     };
-    for g in 0..heads.num_kv_heads {
-        let qs = &token.q_row[g * group * d..(g + 1) * group * d];
-        let acc = &mut out_row[g * group * d..(g + 1) * group * d];
-        let rows = |data, n| vec::HeadRows {
-            data,
-            stride: heads.num_kv_heads * d,
-            offset: g * d,
-            n,
-        };
-        for (block, first, n) in blocks() {
-            let (keys, _) = kv.rows(layer, block * bs, n);
-            for (h, p) in probs.chunks_exact_mut(ctx).enumerate() {
-                let q = &qs[h * d..(h + 1) * d];
-                vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
-            }
+    let rows = |data, n| vec::HeadRows {
+        data,
+        stride: heads.num_kv_heads * d,
+        offset: g * d,
+        n,
+    };
+    for (block, first, n) in blocks() {
+        let (keys, _) = kv.rows(layer, block * bs, n);
+        for (p, q) in probs.chunks_exact_mut(ctx).zip(qs.chunks_exact(d)) {
+            vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
         }
-        for p in probs.chunks_exact_mut(ctx) {
-            vec::softmax(isa, p);
-        }
-        for (block, first, n) in blocks() {
-            let (_, values) = kv.rows(layer, block * bs, n);
-            for (h, p) in probs.chunks_exact(ctx).enumerate() {
-                let acc_h = &mut acc[h * d..(h + 1) * d];
-                if ctx == 2 && n == 2 {
-                    vec::weighted_pair(acc_h, [p[0], p[1]], rows(values, n));
-                } else {
-                    vec::weighted_sum(isa, acc_h, &p[first..first + n], rows(values, n));
-                }
+    }
+    for p in probs.chunks_exact_mut(ctx) {
+        vec::softmax(isa, p);
+    }
+    for (block, first, n) in blocks() {
+        let (_, values) = kv.rows(layer, block * bs, n);
+        for (p, acc) in probs.chunks_exact(ctx).zip(out.chunks_exact_mut(d)) {
+            if ctx == 2 && n == 2 {
+                vec::weighted_pair(acc, [p[0], p[1]], rows(values, n));
+            } else {
+                vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
             }
         }
     }

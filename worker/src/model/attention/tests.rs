@@ -120,35 +120,40 @@ fn cpu_kernel_matches_candle_ops_on_mixed_step() -> candle_core::Result<()> {
 }
 
 /// Decode tokens (one query per sequence, up to 256 positions, where candle's `q k^T` runs
-/// gemm's horizontal kernel): the CPU kernel gives the candle path's bits, not just its values.
+/// gemm's horizontal kernel): the CPU kernel gives the candle path's bits, not just its values,
+/// whether the step is spread over the pool by (token, KV head), by (token, query head), or
+/// not at all.
 #[test]
 fn decode_tokens_equal_candle_ops_bit_for_bit() -> candle_core::Result<()> {
-    let mut rng = Lcg(11);
-    let mut next_block = 0u32;
-    let seqs: Vec<Seq> = [1usize, 2, 3, 17, 33, 90, 256]
-        .into_iter()
-        .map(|ctx| {
-            let n = ctx.div_ceil(BLOCK) as u32;
-            // Blocks in reverse order, so the table is really followed.
-            let table = (next_block..next_block + n).rev().collect();
-            next_block += n;
-            Seq {
-                table,
-                cached: ctx - 1,
-                new: 1,
-            }
-        })
-        .collect();
-    let (kv, batch) = setup(&seqs, &mut rng);
-    let width = HEADS.num_heads * HEADS.head_dim;
-    let q = rng.vec(batch.num_tokens() * width);
-    let ours = paged_attention(&q, &batch, &kv, 1, HEADS);
-    let qt = Tensor::from_vec(q, (batch.num_tokens(), width), &Device::Cpu)?;
-    let generic = attention_candle(&qt, &batch, &kv, 1, HEADS)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    for (t, (a, b)) in ours.chunks(width).zip(generic.chunks(width)).enumerate() {
-        assert_eq!(a, b, "token {t} (context {})", batch.positions[t] + 1);
+    let steps: [&[usize]; 3] = [&[1, 2, 3, 17, 33, 90, 256], &[200, 256], &[5, 9]];
+    for (i, contexts) in steps.into_iter().enumerate() {
+        let mut rng = Lcg(11 + i as u64);
+        let mut next_block = 0u32;
+        let seqs: Vec<Seq> = contexts
+            .iter()
+            .map(|&ctx| {
+                let n = ctx.div_ceil(BLOCK) as u32;
+                // Blocks in reverse order, so the table is really followed.
+                let table = (next_block..next_block + n).rev().collect();
+                next_block += n;
+                Seq {
+                    table,
+                    cached: ctx - 1,
+                    new: 1,
+                }
+            })
+            .collect();
+        let (kv, batch) = setup(&seqs, &mut rng);
+        let width = HEADS.num_heads * HEADS.head_dim;
+        let q = rng.vec(batch.num_tokens() * width);
+        let ours = paged_attention(&q, &batch, &kv, 1, HEADS);
+        let qt = Tensor::from_vec(q, (batch.num_tokens(), width), &Device::Cpu)?;
+        let generic = attention_candle(&qt, &batch, &kv, 1, HEADS)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (t, (a, b)) in ours.chunks(width).zip(generic.chunks(width)).enumerate() {
+            assert_eq!(a, b, "token {t} (context {})", batch.positions[t] + 1);
+        }
     }
     Ok(())
 }
