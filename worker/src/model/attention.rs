@@ -36,10 +36,14 @@ impl HeadLayout {
 /// time, so the query heads of a GQA group share their K/V block visits.
 const PARALLEL_MIN_TOKENS: usize = 4;
 
-/// A step with fewer tokens (decode) goes parallel one (token, query head) at a time once its
-/// attention covers this many (head, position) pairs; below it, rayon's hand-off costs more
-/// than the work.
+/// A step with fewer tokens (decode) spreads each token's attention over the pool (see
+/// [`attend_split`]) once the step covers this many (head, position) pairs; below it, rayon's
+/// hand-offs cost more than the work.
 const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
+
+/// Value columns per task in [`attend_split`]'s weighted sums: one 64-byte cache line of a
+/// value row, so no line is read by two tasks.
+const SPLIT_COLUMNS: usize = 16;
 
 /// Computes attention for every token of `batch` in `layer` on the CPU.
 ///
@@ -83,12 +87,33 @@ pub fn paged_attention(
             .par_chunks_mut(group_width)
             .enumerate()
             .for_each(|(u, o)| unit(u / per_token, (u % per_token) * heads.group(), o));
-    } else if head_positions >= PARALLEL_MIN_HEAD_POSITIONS {
-        let per_token = heads.num_heads;
-        out_rows
-            .par_chunks_mut(d)
-            .enumerate()
-            .for_each(|(u, o)| unit(u / per_token, u % per_token, o));
+    } else if head_positions >= PARALLEL_MIN_HEAD_POSITIONS && d.is_multiple_of(SPLIT_COLUMNS) {
+        for (t, o) in out_rows.chunks_mut(width).enumerate() {
+            let (Some(&s), Some(&pos)) = (owners.get(t), batch.positions.get(t)) else {
+                continue;
+            };
+            let token = TokenQuery {
+                q_row: &q[t * width..(t + 1) * width],
+                table: &batch.seqs[s].block_table,
+                ctx: pos as usize + 1,
+            };
+            if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS {
+                attend_split(&token, o, kv, layer, heads, isa);
+            } else {
+                for (g, og) in o.chunks_mut(group_width).enumerate() {
+                    let first = g * heads.group();
+                    attend_heads(
+                        &token,
+                        first..first + heads.group(),
+                        og,
+                        kv,
+                        layer,
+                        heads,
+                        isa,
+                    );
+                }
+            }
+        }
     } else {
         for (u, o) in out_rows.chunks_mut(group_width).enumerate() {
             let per_token = heads.num_kv_heads;
@@ -141,23 +166,14 @@ fn attend_heads(
     let mut probs = vec![0f32; heads_range.len() * ctx];
     out.fill(0.0);
     let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
-    // The blocks holding positions `0..ctx`, with their first position and row count.
-    let blocks = || {
-        token
-            .table
-            .iter()
-            .enumerate()
-            .map(move |(bi, &block)| (block as usize, bi * bs))
-            .take_while(move |&(_, first)| first < ctx)
-            .map(move |(block, first)| (block, first, bs.min(ctx - first)))
-    };
+    let blocks = context_blocks(token.table, ctx, bs);
     let rows = |data, n| vec::HeadRows {
         data,
         stride: heads.num_kv_heads * d,
         offset: g * d,
         n,
     };
-    for (block, first, n) in blocks() {
+    for &(block, first, n) in &blocks {
         let (keys, _) = kv.rows(layer, block * bs, n);
         for (p, q) in probs.chunks_exact_mut(ctx).zip(qs.chunks_exact(d)) {
             vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
@@ -166,7 +182,7 @@ fn attend_heads(
     for p in probs.chunks_exact_mut(ctx) {
         vec::softmax(isa, p);
     }
-    for (block, first, n) in blocks() {
+    for &(block, first, n) in &blocks {
         let (_, values) = kv.rows(layer, block * bs, n);
         for (p, acc) in probs.chunks_exact(ctx).zip(out.chunks_exact_mut(d)) {
             if ctx == 2 && n == 2 {
@@ -174,6 +190,91 @@ fn attend_heads(
             } else {
                 vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
             }
+        }
+    }
+}
+
+/// The KV blocks holding a token's positions `0..ctx`: (block id, first position, rows).
+fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, usize)> {
+    table
+        .iter()
+        .enumerate()
+        .map(|(bi, &block)| (block as usize, bi * bs))
+        .take_while(|&(_, first)| first < ctx)
+        .map(|(block, first)| (block, first, bs.min(ctx - first)))
+        .collect()
+}
+
+/// One token's attention, all heads, spread over the pool in three phases so that each K and V
+/// byte is read once however many threads share the work (splitting by query head would read
+/// a GQA group's K/V once per head, which at long contexts no longer comes from cache):
+/// scores one task per KV block, a softmax per head, then weighted sums one task per (KV head,
+/// 16 value columns) for all the query heads of the group. Every score, softmax and output
+/// element goes through the same operations in the same order as in [`attend_heads`], so the
+/// result is the same bits.
+fn attend_split(
+    token: &TokenQuery<'_>,
+    out: &mut [f32],
+    kv: &KvStore,
+    layer: usize,
+    heads: HeadLayout,
+    isa: Isa,
+) {
+    let (d, ctx, nh, group) = (heads.head_dim, token.ctx, heads.num_heads, heads.group());
+    let bs = kv.config().block_size;
+    let scale = 1.0 / (d as f32).sqrt();
+    let blocks = context_blocks(token.table, ctx, bs);
+    let rows = |data, g: usize, col: usize, n| vec::HeadRows {
+        data,
+        stride: heads.num_kv_heads * d,
+        offset: g * d + col,
+        n,
+    };
+    // Scores, block-major: `[block][head][bs]`.
+    let mut scores = vec![0f32; blocks.len() * nh * bs];
+    scores
+        .par_chunks_mut(nh * bs)
+        .zip(blocks.par_iter())
+        .for_each(|(sc, &(block, _, n))| {
+            let (keys, _) = kv.rows(layer, block * bs, n);
+            for (h, (s, q)) in sc
+                .chunks_exact_mut(bs)
+                .zip(token.q_row.chunks_exact(d))
+                .enumerate()
+            {
+                vec::scores(isa, q, rows(keys, h / group, 0, n), scale, &mut s[..n]);
+            }
+        });
+    // Each head's row gathered in position order, then its softmax.
+    let mut probs = vec![0f32; nh * ctx];
+    probs.par_chunks_mut(ctx).enumerate().for_each(|(h, p)| {
+        for (bi, &(_, first, n)) in blocks.iter().enumerate() {
+            p[first..first + n].copy_from_slice(&scores[(bi * nh + h) * bs..][..n]);
+        }
+        vec::softmax(isa, p);
+    });
+    // Weighted sums: task `u` = (KV head `g`, columns `c * 16..`) for the group's heads.
+    let chunks = d / SPLIT_COLUMNS;
+    let mut parts = vec![0f32; heads.num_kv_heads * chunks * group * SPLIT_COLUMNS];
+    parts
+        .par_chunks_mut(group * SPLIT_COLUMNS)
+        .enumerate()
+        .for_each(|(u, acc)| {
+            let (g, c) = (u / chunks, u % chunks);
+            for &(block, first, n) in &blocks {
+                let (_, values) = kv.rows(layer, block * bs, n);
+                let v = rows(values, g, c * SPLIT_COLUMNS, n);
+                for (hi, a) in acc.chunks_exact_mut(SPLIT_COLUMNS).enumerate() {
+                    let p = &probs[(g * group + hi) * ctx + first..][..n];
+                    vec::weighted_sum(isa, a, p, v);
+                }
+            }
+        });
+    for (u, acc) in parts.chunks_exact(group * SPLIT_COLUMNS).enumerate() {
+        let (g, c) = (u / chunks, u % chunks);
+        for (hi, a) in acc.chunks_exact(SPLIT_COLUMNS).enumerate() {
+            let h = g * group + hi;
+            out[h * d + c * SPLIT_COLUMNS..][..SPLIT_COLUMNS].copy_from_slice(a);
         }
     }
 }
