@@ -134,6 +134,32 @@ pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
 }
 
 /// [`dot`]'s order with `f32::mul_add` (a fused multiply-add, as the AVX2 path uses).
+/// [`weighted_sum`] for several heads over the same value rows: `ys` holds one `width`-wide
+/// output per head, `ps[h]` that head's weights. The heads' FMA chains run interleaved, so a
+/// narrow slice of columns is not bound by FMA latency; each output element still adds its rows
+/// in `j` order, so the bits are [`weighted_sum`]'s.
+pub fn weighted_sum_heads(isa: Isa, ys: &mut [f32], ps: &[&[f32]], values: HeadRows<'_>) {
+    let width = ys.len() / ps.len().max(1);
+    assert!(
+        ys.len() == width * ps.len()
+            && values.fits(width)
+            && ps.iter().all(|p| p.len() >= values.n),
+        "weighted_sum_heads: lengths"
+    );
+    match isa {
+        // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if width == 16 && ps.len() <= 4 => unsafe {
+            avx2::weighted_sum_heads16(ys, ps, values)
+        },
+        _ => {
+            for (y, p) in ys.chunks_exact_mut(width).zip(ps) {
+                weighted_sum(isa, y, p, values);
+            }
+        }
+    }
+}
+
 /// `y = p[0] * v_0 + p[1] * v_1` with each product rounded before the sum: `gemm` computes a
 /// product whose inner dimension is 2 this way (its `gevv`), not with FMA, so a softmax over
 /// exactly two positions is weighted like this.
@@ -244,6 +270,32 @@ mod avx2 {
         }
         for (jj, o) in out[j..keys.n].iter_mut().enumerate() {
             *o = dot(q, keys.row(j + jj, d)) * scale;
+        }
+    }
+
+    /// SAFETY: avx2 and fma available; `ys.len() == 16 * ps.len()`, `ps.len() <= 4`,
+    /// `values.fits(16)`, every `p.len() >= values.n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sum_heads16(ys: &mut [f32], ps: &[&[f32]], values: HeadRows<'_>) {
+        let heads = ps.len();
+        let (yp, base) = (ys.as_mut_ptr(), values.data.as_ptr().add(values.offset));
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        for (h, a) in acc[..heads].iter_mut().enumerate() {
+            a[0] = _mm256_loadu_ps(yp.add(16 * h));
+            a[1] = _mm256_loadu_ps(yp.add(16 * h + 8));
+        }
+        for j in 0..values.n {
+            let row = base.add(j * values.stride);
+            let (v0, v1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+            for (a, p) in acc[..heads].iter_mut().zip(ps) {
+                let w = _mm256_set1_ps(*p.get_unchecked(j));
+                a[0] = _mm256_fmadd_ps(w, v0, a[0]);
+                a[1] = _mm256_fmadd_ps(w, v1, a[1]);
+            }
+        }
+        for (h, a) in acc[..heads].iter().enumerate() {
+            _mm256_storeu_ps(yp.add(16 * h), a[0]);
+            _mm256_storeu_ps(yp.add(16 * h + 8), a[1]);
         }
     }
 
@@ -362,6 +414,31 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Several heads at once give each head's `weighted_sum` bits.
+    #[test]
+    fn weighted_sum_heads_equals_weighted_sum_per_head() {
+        let isa = Isa::detect();
+        let (stride, n) = (48usize, 37usize);
+        let v = wave(n * stride, 0.29);
+        let ps: Vec<Vec<f32>> = (0..3).map(|h| wave(n, 0.1 + h as f32)).collect();
+        let refs: Vec<&[f32]> = ps.iter().map(|p| p.as_slice()).collect();
+        for width in [16usize, 8] {
+            let values = HeadRows {
+                data: &v,
+                stride,
+                offset: 16,
+                n,
+            };
+            let mut together = wave(3 * width, 0.5);
+            let mut apart = together.clone();
+            weighted_sum_heads(isa, &mut together, &refs, values);
+            for (y, p) in apart.chunks_exact_mut(width).zip(&refs) {
+                weighted_sum(isa, y, p, values);
+            }
+            assert_eq!(together, apart, "width {width}");
+        }
     }
 
     /// The scalar path computes the AVX2 path's bits, tails included.

@@ -261,13 +261,13 @@ fn attend_split(
         .enumerate()
         .for_each(|(u, acc)| {
             let (g, c) = (u / chunks, u % chunks);
+            let mut ps: Vec<&[f32]> = Vec::with_capacity(group);
             for &(block, first, n) in &blocks {
                 let (_, values) = kv.rows(layer, block * bs, n);
                 let v = rows(values, g, c * SPLIT_COLUMNS, n);
-                for (hi, a) in acc.chunks_exact_mut(SPLIT_COLUMNS).enumerate() {
-                    let p = &probs[(g * group + hi) * ctx + first..][..n];
-                    vec::weighted_sum(isa, a, p, v);
-                }
+                ps.clear();
+                ps.extend((0..group).map(|hi| &probs[(g * group + hi) * ctx + first..][..n]));
+                vec::weighted_sum_heads(isa, acc, &ps, v);
             }
         });
     for (u, acc) in parts.chunks_exact(group * SPLIT_COLUMNS).enumerate() {
