@@ -150,7 +150,12 @@ pub fn weighted_sum_heads(isa: Isa, ys: &mut [f32], ps: &[&[f32]], values: HeadR
         // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if width == 16 && ps.len() <= 4 => unsafe {
-            avx2::weighted_sum_heads16(ys, ps, values)
+            avx2::weighted_sum_heads::<2>(ys, ps, values)
+        },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if width == 32 && ps.len() <= 4 => unsafe {
+            avx2::weighted_sum_heads::<4>(ys, ps, values)
         },
         _ => {
             for (y, p) in ys.chunks_exact_mut(width).zip(ps) {
@@ -273,29 +278,38 @@ mod avx2 {
         }
     }
 
-    /// SAFETY: avx2 and fma available; `ys.len() == 16 * ps.len()`, `ps.len() <= 4`,
-    /// `values.fits(16)`, every `p.len() >= values.n`.
+    /// `L` lanes of 8 columns per head.
+    ///
+    /// SAFETY: avx2 and fma available; `ys.len() == 8 * L * ps.len()`, `ps.len() <= 4`,
+    /// `values.fits(8 * L)`, every `p.len() >= values.n`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_sum_heads16(ys: &mut [f32], ps: &[&[f32]], values: HeadRows<'_>) {
-        let heads = ps.len();
+    pub(super) unsafe fn weighted_sum_heads<const L: usize>(
+        ys: &mut [f32],
+        ps: &[&[f32]],
+        values: HeadRows<'_>,
+    ) {
+        let (heads, w) = (ps.len(), 8 * L);
         let (yp, base) = (ys.as_mut_ptr(), values.data.as_ptr().add(values.offset));
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut acc = [[_mm256_setzero_ps(); L]; 4];
         for (h, a) in acc[..heads].iter_mut().enumerate() {
-            a[0] = _mm256_loadu_ps(yp.add(16 * h));
-            a[1] = _mm256_loadu_ps(yp.add(16 * h + 8));
+            for (l, a) in a.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(yp.add(w * h + 8 * l));
+            }
         }
         for j in 0..values.n {
             let row = base.add(j * values.stride);
-            let (v0, v1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+            let v: [__m256; L] = std::array::from_fn(|l| _mm256_loadu_ps(row.add(8 * l)));
             for (a, p) in acc[..heads].iter_mut().zip(ps) {
-                let w = _mm256_set1_ps(*p.get_unchecked(j));
-                a[0] = _mm256_fmadd_ps(w, v0, a[0]);
-                a[1] = _mm256_fmadd_ps(w, v1, a[1]);
+                let wj = _mm256_set1_ps(*p.get_unchecked(j));
+                for (a, v) in a.iter_mut().zip(v) {
+                    *a = _mm256_fmadd_ps(wj, v, *a);
+                }
             }
         }
         for (h, a) in acc[..heads].iter().enumerate() {
-            _mm256_storeu_ps(yp.add(16 * h), a[0]);
-            _mm256_storeu_ps(yp.add(16 * h + 8), a[1]);
+            for (l, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(yp.add(w * h + 8 * l), *a);
+            }
         }
     }
 
@@ -424,7 +438,7 @@ mod tests {
         let v = wave(n * stride, 0.29);
         let ps: Vec<Vec<f32>> = (0..3).map(|h| wave(n, 0.1 + h as f32)).collect();
         let refs: Vec<&[f32]> = ps.iter().map(|p| p.as_slice()).collect();
-        for width in [16usize, 8] {
+        for width in [32usize, 16, 8] {
             let values = HeadRows {
                 data: &v,
                 stride,

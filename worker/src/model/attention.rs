@@ -41,9 +41,10 @@ const PARALLEL_MIN_TOKENS: usize = 4;
 /// hand-offs cost more than the work.
 const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
 
-/// Value columns per task in [`attend_split`]'s weighted sums: one 64-byte cache line of a
-/// value row, so no line is read by two tasks.
-const SPLIT_COLUMNS: usize = 16;
+/// Value columns per task in [`attend_split`]'s weighted sums, the first of these that divides
+/// the head dimension: whole 64-byte cache lines of a value row where possible, so no line is
+/// read by two tasks.
+const SPLIT_COLUMNS: [usize; 3] = [32, 16, 8];
 
 /// Computes attention for every token of `batch` in `layer` on the CPU.
 ///
@@ -87,7 +88,9 @@ pub fn paged_attention(
             .par_chunks_mut(group_width)
             .enumerate()
             .for_each(|(u, o)| unit(u / per_token, (u % per_token) * heads.group(), o));
-    } else if head_positions >= PARALLEL_MIN_HEAD_POSITIONS && d.is_multiple_of(SPLIT_COLUMNS) {
+    } else if let Some(cols) =
+        split_columns(d).filter(|_| head_positions >= PARALLEL_MIN_HEAD_POSITIONS)
+    {
         for (t, o) in out_rows.chunks_mut(width).enumerate() {
             let (Some(&s), Some(&pos)) = (owners.get(t), batch.positions.get(t)) else {
                 continue;
@@ -98,7 +101,7 @@ pub fn paged_attention(
                 ctx: pos as usize + 1,
             };
             if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS {
-                attend_split(&token, o, kv, layer, heads, isa);
+                attend_split(&token, o, kv, layer, (heads, cols), isa);
             } else {
                 for (g, og) in o.chunks_mut(group_width).enumerate() {
                     let first = g * heads.group();
@@ -194,6 +197,12 @@ fn attend_heads(
     }
 }
 
+/// Value columns per weighted-sum task of [`attend_split`] for head dimension `d`, if any
+/// width fits.
+fn split_columns(d: usize) -> Option<usize> {
+    SPLIT_COLUMNS.into_iter().find(|&c| d.is_multiple_of(c))
+}
+
 /// The KV blocks holding a token's positions `0..ctx`: (block id, first position, rows).
 fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, usize)> {
     table
@@ -209,7 +218,7 @@ fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, us
 /// byte is read once however many threads share the work (splitting by query head would read
 /// a GQA group's K/V once per head, which at long contexts no longer comes from cache):
 /// scores one task per KV block, a softmax per head, then weighted sums one task per (KV head,
-/// 16 value columns) for all the query heads of the group. Every score, softmax and output
+/// `cols` value columns) for all the query heads of the group. Every score, softmax and output
 /// element goes through the same operations in the same order as in [`attend_heads`], so the
 /// result is the same bits.
 fn attend_split(
@@ -217,7 +226,7 @@ fn attend_split(
     out: &mut [f32],
     kv: &KvStore,
     layer: usize,
-    heads: HeadLayout,
+    (heads, cols): (HeadLayout, usize),
     isa: Isa,
 ) {
     let (d, ctx, nh, group) = (heads.head_dim, token.ctx, heads.num_heads, heads.group());
@@ -254,27 +263,27 @@ fn attend_split(
         vec::softmax(isa, p);
     });
     // Weighted sums: task `u` = (KV head `g`, columns `c * 16..`) for the group's heads.
-    let chunks = d / SPLIT_COLUMNS;
-    let mut parts = vec![0f32; heads.num_kv_heads * chunks * group * SPLIT_COLUMNS];
+    let chunks = d / cols;
+    let mut parts = vec![0f32; heads.num_kv_heads * chunks * group * cols];
     parts
-        .par_chunks_mut(group * SPLIT_COLUMNS)
+        .par_chunks_mut(group * cols)
         .enumerate()
         .for_each(|(u, acc)| {
             let (g, c) = (u / chunks, u % chunks);
             let mut ps: Vec<&[f32]> = Vec::with_capacity(group);
             for &(block, first, n) in &blocks {
                 let (_, values) = kv.rows(layer, block * bs, n);
-                let v = rows(values, g, c * SPLIT_COLUMNS, n);
+                let v = rows(values, g, c * cols, n);
                 ps.clear();
                 ps.extend((0..group).map(|hi| &probs[(g * group + hi) * ctx + first..][..n]));
                 vec::weighted_sum_heads(isa, acc, &ps, v);
             }
         });
-    for (u, acc) in parts.chunks_exact(group * SPLIT_COLUMNS).enumerate() {
+    for (u, acc) in parts.chunks_exact(group * cols).enumerate() {
         let (g, c) = (u / chunks, u % chunks);
-        for (hi, a) in acc.chunks_exact(SPLIT_COLUMNS).enumerate() {
+        for (hi, a) in acc.chunks_exact(cols).enumerate() {
             let h = g * group + hi;
-            out[h * d + c * SPLIT_COLUMNS..][..SPLIT_COLUMNS].copy_from_slice(a);
+            out[h * d + c * cols..][..cols].copy_from_slice(a);
         }
     }
 }
