@@ -538,7 +538,7 @@ mod tests {
             return;
         }
         let mut x: Vec<f32> = (0..32 * 40)
-            .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi((i / 32) as i32 % 9 - 4))
+            .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi((i / 32) % 9 - 4))
             .collect();
         x[32..64].fill(0.0); // an all-zero block
         x[64..96].fill(-3.5); // every value at the block's max

@@ -186,7 +186,7 @@ mod avx2 {
             for r in 0..R {
                 // The same block of the row R rows ahead (the next call's rows, which follow
                 // these in memory): the hardware prefetcher does not keep up with R streams.
-                _mm_prefetch::<_MM_HINT_T0>(wq[r].wrapping_add(R * xq.len() + b * QK) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wq[r].wrapping_add(R * xq.len() + b * QK));
                 let wv = _mm256_loadu_si256(wq[r].add(b * QK) as *const __m256i);
                 // maddubs wants unsigned × signed: move w's sign onto x.
                 let aw = _mm256_sign_epi8(wv, wv);

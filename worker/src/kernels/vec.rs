@@ -247,7 +247,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores(q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
         let d = q.len();
-        if d % 8 != 0 {
+        if !d.is_multiple_of(8) {
             for (j, o) in out[..keys.n].iter_mut().enumerate() {
                 *o = dot(q, keys.row(j, d)) * scale;
             }
