@@ -62,17 +62,17 @@ pub fn paged_attention(
     let owners = token_owners(batch);
     let isa = Isa::detect();
     let tokens = owners.len().min(q.len() / width.max(1));
-    // Heads `first..first + count` of token `t` into `o` (those heads' slice of its row).
+    let query = |t: usize| token_query(t, q, width, &owners, batch);
+    // Heads `first..` of token `t` into `o` (those heads' slices of its output row).
     let unit = |t: usize, first: usize, o: &mut [f32]| {
-        let (Some(&s), Some(&pos)) = (owners.get(t), batch.positions.get(t)) else {
-            return;
-        };
-        let token = TokenQuery {
-            q_row: &q[t * width..(t + 1) * width],
-            table: &batch.seqs[s].block_table,
-            ctx: pos as usize + 1,
-        };
-        attend_heads(&token, first..first + o.len() / d, o, kv, layer, heads, isa);
+        if let Some(token) = query(t) {
+            attend_heads(&token, first..first + o.len() / d, o, kv, layer, heads, isa);
+        }
+    };
+    // The query heads of KV head `u % num_kv_heads` of token `u / num_kv_heads`.
+    let group_unit = |u: usize, o: &mut [f32]| {
+        let kvh = heads.num_kv_heads;
+        unit(u / kvh, (u % kvh) * heads.group(), o);
     };
     let out_rows = &mut out[..tokens * width];
     let group_width = heads.group() * d;
@@ -83,47 +83,48 @@ pub fn paged_attention(
         .map(|&p| (p as usize + 1) * heads.num_heads)
         .sum();
     if tokens >= PARALLEL_MIN_TOKENS {
-        let per_token = heads.num_kv_heads;
         out_rows
             .par_chunks_mut(group_width)
             .enumerate()
-            .for_each(|(u, o)| unit(u / per_token, (u % per_token) * heads.group(), o));
+            .for_each(|(u, o)| group_unit(u, o));
     } else if let Some(cols) =
         split_columns(d).filter(|_| head_positions >= PARALLEL_MIN_HEAD_POSITIONS)
     {
         for (t, o) in out_rows.chunks_mut(width).enumerate() {
-            let (Some(&s), Some(&pos)) = (owners.get(t), batch.positions.get(t)) else {
-                continue;
-            };
-            let token = TokenQuery {
-                q_row: &q[t * width..(t + 1) * width],
-                table: &batch.seqs[s].block_table,
-                ctx: pos as usize + 1,
-            };
-            if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS {
-                attend_split(&token, o, kv, layer, (heads, cols), isa);
-            } else {
-                for (g, og) in o.chunks_mut(group_width).enumerate() {
-                    let first = g * heads.group();
-                    attend_heads(
-                        &token,
-                        first..first + heads.group(),
-                        og,
-                        kv,
-                        layer,
-                        heads,
-                        isa,
-                    );
+            match query(t) {
+                Some(token) if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS => {
+                    attend_split(&token, o, kv, layer, (heads, cols), isa)
+                }
+                _ => {
+                    for (g, og) in o.chunks_mut(group_width).enumerate() {
+                        unit(t, g * heads.group(), og);
+                    }
                 }
             }
         }
     } else {
         for (u, o) in out_rows.chunks_mut(group_width).enumerate() {
-            let per_token = heads.num_kv_heads;
-            unit(u / per_token, (u % per_token) * heads.group(), o);
+            group_unit(u, o);
         }
     }
     out
+}
+
+/// Token `t`'s query: its row of `q`, its sequence's block table and its context length; `None`
+/// for a token outside the batch.
+fn token_query<'a>(
+    t: usize,
+    q: &'a [f32],
+    width: usize,
+    owners: &[usize],
+    batch: &'a StepBatch,
+) -> Option<TokenQuery<'a>> {
+    let (&s, &pos) = (owners.get(t)?, batch.positions.get(t)?);
+    Some(TokenQuery {
+        q_row: q.get(t * width..(t + 1) * width)?,
+        table: &batch.seqs.get(s)?.block_table,
+        ctx: pos as usize + 1,
+    })
 }
 
 /// Index into `batch.seqs` of every token of the step.
