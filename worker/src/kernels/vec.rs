@@ -16,20 +16,6 @@
 
 use super::Isa;
 
-/// `sum(a[i] * b[i])`, as `gemm`'s horizontal kernel orders it: lane `i % 8` accumulates
-/// `a[i] * b[i]` with FMA in index order, then the lanes are summed pairwise
-/// (`(l0 + l4) + (l2 + l6)` + `(l1 + l5) + (l3 + l7)`).
-#[inline]
-pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot: lengths");
-    match isa {
-        Isa::Scalar => dot_scalar(a, b),
-        // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::dot(a, b) },
-    }
-}
-
 /// In place: `x[i] = exp(x[i] - max) / sum_j exp(x[j] - max)`, with candle's
 /// `softmax_last_dim` arithmetic (`f32::exp`, the sum as candle's `vec_sum` orders it for `isa`,
 /// then a division per element). An empty slice is left as it is.
@@ -95,8 +81,10 @@ impl HeadRows<'_> {
     }
 }
 
-/// Attention scores of one query head against one block: `out[j] = scale * q · k_j`, with the
-/// same arithmetic as [`dot`] for each row.
+/// Attention scores of one query head against one block: `out[j] = scale * q · k_j`, each dot
+/// product as `gemm`'s horizontal kernel orders it: lane `i % 8` accumulates `q[i] * k[i]` with
+/// FMA in index order, then the lanes are summed pairwise (`(l0 + l4) + (l2 + l6)` +
+/// `(l1 + l5) + (l3 + l7)`).
 pub fn scores(isa: Isa, q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
     let d = q.len();
     assert!(keys.fits(d) && out.len() >= keys.n, "scores: lengths");
@@ -133,7 +121,6 @@ pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
     }
 }
 
-/// [`dot`]'s order with `f32::mul_add` (a fused multiply-add, as the AVX2 path uses).
 /// [`weighted_sum`] for several heads over the same value rows: `ys` holds one `width`-wide
 /// output per head, `ps[h]` that head's weights. The heads' FMA chains run interleaved, so a
 /// narrow slice of columns is not bound by FMA latency; each output element still adds its rows
@@ -177,6 +164,8 @@ pub fn weighted_pair(y: &mut [f32], p: [f32; 2], values: HeadRows<'_>) {
     }
 }
 
+/// One dot product in [`scores`]' order, with `f32::mul_add` (a fused multiply-add, as the
+/// AVX2 path uses).
 fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
@@ -254,7 +243,7 @@ mod avx2 {
             return;
         }
         // Four keys at a time: four independent FMA chains per query load, each in `dot`'s
-        // order, so the scores are `dot`'s bits.
+        // order, so the scores are the one-key path's bits.
         let (qp, base) = (q.as_ptr(), keys.data.as_ptr().add(keys.offset));
         let mut j = 0;
         while j + 4 <= keys.n {
@@ -351,6 +340,19 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `a · b` through [`scores`] (one key row, scale 1).
+    fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+        let row = HeadRows {
+            data: b,
+            stride: b.len(),
+            offset: 0,
+            n: 1,
+        };
+        let mut out = [0f32];
+        scores(isa, a, row, 1.0, &mut out);
+        out[0]
+    }
 
     #[test]
     fn simd_and_scalar_agree_on_odd_lengths() {

@@ -263,7 +263,7 @@ fn attend_split(
         }
         vec::softmax(isa, p);
     });
-    // Weighted sums: task `u` = (KV head `g`, columns `c * 16..`) for the group's heads.
+    // Weighted sums: task `u` = (KV head `g`, columns `c * cols..`) for the group's heads.
     let chunks = d / cols;
     let mut parts = vec![0f32; heads.num_kv_heads * chunks * group * cols];
     parts
