@@ -6,11 +6,12 @@ mod common;
 use std::process::Output;
 
 use anyhow::{ensure, Context, Result};
-use common::real::{sim_worker_config, RealWorker};
+use common::real::RealWorker;
 use common::{
     generate, prompt_request, router_config_over, spawn_router, wait_healthy, TestRouter,
 };
 use orchard_common::config::PolicyConfig;
+use orchard_worker::sim::test_worker_config;
 
 /// Runs `orchard <command> --router <router> <args>`, failing on a non-zero exit; returns
 /// stdout and stderr. (`--router` belongs to the command, so it goes before a subcommand
@@ -53,8 +54,8 @@ fn state<'a>(table: &'a str, id: &str) -> Result<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_list_drain_and_generate_print_what_the_router_does() -> Result<()> {
     let (a, b) = tokio::try_join!(
-        RealWorker::serving(sim_worker_config("sim-a")),
-        RealWorker::serving(sim_worker_config("sim-b"))
+        RealWorker::serving(test_worker_config("sim-a")),
+        RealWorker::serving(test_worker_config("sim-b"))
     )?;
     let list = [(a.id.as_str(), a.url()), (b.id.as_str(), b.url())];
     let router = spawn_router(router_config_over(&list, PolicyConfig::RoundRobin)).await?;

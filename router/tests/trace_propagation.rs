@@ -10,7 +10,7 @@ mod common;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{ensure, Context, Result};
-use common::real::{sim_worker_config, RealWorker};
+use common::real::RealWorker;
 use common::{
     prompt_request, router_config_over, spawn_router, wait_healthy, wait_until, TestRouter,
 };
@@ -19,6 +19,7 @@ use opentelemetry::Value;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use orchard_common::config::PolicyConfig;
+use orchard_worker::sim::test_worker_config;
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -164,7 +165,7 @@ fn check_router_to_worker(spans: &Collected, trace: TraceId, id: &str) -> Result
 async fn a_request_is_one_trace_from_client_through_router_to_worker_phases() -> Result<()> {
     let spans = Collected::default();
     install(&spans)?;
-    let worker = RealWorker::serving(sim_worker_config("sim-trace")).await?;
+    let worker = RealWorker::serving(test_worker_config("sim-trace")).await?;
     let list = [(worker.id.as_str(), worker.url())];
     let router = spawn_router(router_config_over(&list, PolicyConfig::RoundRobin)).await?;
     wait_healthy(&router, 1).await?;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use orchard_common::config::{EngineKind, WorkerConfig};
+use orchard_common::config::WorkerConfig;
 use orchard_proto::v1 as pb;
 use orchard_proto::v1::worker_client::WorkerClient;
 use orchard_worker::server::{self, ServerError};
@@ -47,18 +47,6 @@ pub fn model_worker_config(id: &str, metrics: Option<SocketAddr>) -> Result<Work
     cfg.engine.kv_cache_mb = 64;
     cfg.telemetry.metrics_listen = metrics;
     Ok(cfg)
-}
-
-/// A simulated-engine worker config with a small KV pool and a fast timing model.
-pub fn sim_worker_config(id: &str) -> WorkerConfig {
-    let mut cfg = WorkerConfig {
-        id: id.into(),
-        engine_kind: EngineKind::Simulated,
-        ..WorkerConfig::default()
-    };
-    cfg.engine.num_kv_blocks = Some(256);
-    cfg.sim.step_overhead = Duration::from_millis(1);
-    cfg
 }
 
 /// A free loopback address for a `/metrics` listener (bound, then released). The config

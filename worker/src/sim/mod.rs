@@ -12,8 +12,9 @@ pub mod runner;
 pub mod tokenizer;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use orchard_common::config::WorkerConfig;
+use orchard_common::config::{EngineKind, WorkerConfig};
 
 pub use runner::{SimRunner, SimVocab, TimingModel};
 
@@ -53,6 +54,19 @@ pub fn simulated_engine(cfg: &WorkerConfig) -> Result<(EngineParts, TextFrontend
     };
     let frontend = TextFrontend::new(tokenizer, Some(tokenizer::chat_template()?));
     Ok((parts, frontend))
+}
+
+/// A simulated worker's config for tests: a small KV pool (256 blocks) and a fast timing model
+/// (1 ms per step), everything else at its default.
+pub fn test_worker_config(id: &str) -> WorkerConfig {
+    let mut cfg = WorkerConfig {
+        id: id.into(),
+        engine_kind: EngineKind::Simulated,
+        ..WorkerConfig::default()
+    };
+    cfg.engine.num_kv_blocks = Some(256);
+    cfg.sim.step_overhead = Duration::from_millis(1);
+    cfg
 }
 
 /// `engine.num_kv_blocks`, or as many blocks of `sim.kv_bytes_per_token`-byte tokens as fit in

@@ -10,7 +10,8 @@ use orchard_proto::v1::admin_server::{Admin, AdminServer};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::support::{sim_config, TestWorker, POLL};
+use crate::support::{TestWorker, POLL};
+use orchard_worker::sim::test_worker_config;
 
 /// What the fake router saw.
 #[derive(Debug, Default)]
@@ -94,7 +95,7 @@ async fn registers_after_a_refusal_and_keeps_the_lease_alive() -> Result<()> {
         .serve_with_incoming(TcpListenerStream::new(listener));
     let router_task = tokio::spawn(served);
 
-    let mut cfg = sim_config("sim-registered");
+    let mut cfg = test_worker_config("sim-registered");
     cfg.weight = 2.5;
     cfg.registration = Some(RegistrationConfig {
         router: format!("http://{router_addr}"),

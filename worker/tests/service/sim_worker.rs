@@ -7,13 +7,15 @@ use orchard_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
+use orchard_worker::sim::test_worker_config;
+
 use crate::support::{
-    chat_request, generate_all, poll_load, prompt_request, sim_config, tokens_and_final, TestWorker,
+    chat_request, generate_all, poll_load, prompt_request, tokens_and_final, TestWorker,
 };
 
 #[tokio::test]
 async fn stream_ends_with_final_info_matching_what_was_streamed() -> Result<()> {
-    let worker = TestWorker::serving(sim_config("sim-final")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-final")).await?;
     let mut client = worker.client();
     let prompt = "The quick brown fox";
     let msgs = generate_all(&mut client, prompt_request(prompt, 12)).await?;
@@ -47,7 +49,7 @@ async fn stream_ends_with_final_info_matching_what_was_streamed() -> Result<()> 
 
 #[tokio::test]
 async fn greedy_output_is_reproducible_and_chat_works() -> Result<()> {
-    let worker = TestWorker::serving(sim_config("sim-greedy")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-greedy")).await?;
     let mut client = worker.client();
     let first = tokens_and_final(&generate_all(&mut client, chat_request("hi there", 8)).await?)?;
     let again = tokens_and_final(&generate_all(&mut client, chat_request("hi there", 8)).await?)?;
@@ -62,7 +64,7 @@ async fn greedy_output_is_reproducible_and_chat_works() -> Result<()> {
 
 #[tokio::test]
 async fn invalid_sampling_is_rejected_naming_the_parameter() -> Result<()> {
-    let worker = TestWorker::serving(sim_config("sim-invalid")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-invalid")).await?;
     let mut client = worker.client();
     let cases = [
         (
@@ -105,7 +107,7 @@ async fn invalid_sampling_is_rejected_naming_the_parameter() -> Result<()> {
 
 #[tokio::test]
 async fn empty_or_missing_input_is_invalid() -> Result<()> {
-    let worker = TestWorker::serving(sim_config("sim-empty")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-empty")).await?;
     let mut client = worker.client();
     let empty = client
         .generate(prompt_request("", 4))
@@ -147,7 +149,7 @@ async fn empty_or_missing_input_is_invalid() -> Result<()> {
 
 #[tokio::test]
 async fn cancel_after_three_tokens_frees_the_sequence_and_its_blocks() -> Result<()> {
-    let mut cfg = sim_config("sim-cancel");
+    let mut cfg = test_worker_config("sim-cancel");
     // Slow enough that the request is still running when the client goes away.
     cfg.sim.per_decode_seq = Duration::from_millis(5);
     let worker = TestWorker::serving(cfg).await?;
@@ -177,7 +179,7 @@ async fn cancel_after_three_tokens_frees_the_sequence_and_its_blocks() -> Result
 
 #[tokio::test]
 async fn abort_ends_the_stream_with_reason_abort() -> Result<()> {
-    let mut cfg = sim_config("sim-abort");
+    let mut cfg = test_worker_config("sim-abort");
     cfg.sim.per_decode_seq = Duration::from_millis(5);
     let worker = TestWorker::serving(cfg).await?;
     let mut client = worker.client();
@@ -214,7 +216,7 @@ async fn abort_ends_the_stream_with_reason_abort() -> Result<()> {
 
 #[tokio::test]
 async fn model_info_and_load_describe_the_simulated_engine() -> Result<()> {
-    let worker = TestWorker::serving(sim_config("sim-info")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-info")).await?;
     let mut client = worker.client();
     let info = client
         .get_model_info(pb::GetModelInfoRequest {})
@@ -238,7 +240,7 @@ async fn reflection_lists_the_worker_service() -> Result<()> {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let worker = TestWorker::serving(sim_config("sim-reflect")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-reflect")).await?;
     let mut client = ServerReflectionClient::new(worker.channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -263,7 +265,7 @@ async fn reflection_lists_the_worker_service() -> Result<()> {
 
 #[tokio::test]
 async fn eos_ends_a_request_with_stop() -> Result<()> {
-    let mut cfg = sim_config("sim-eos");
+    let mut cfg = test_worker_config("sim-eos");
     cfg.sim.eos_at_position = Some(40);
     let worker = TestWorker::serving(cfg).await?;
     let mut client = worker.client();
@@ -288,10 +290,10 @@ async fn eos_ends_a_request_with_stop() -> Result<()> {
 
 #[tokio::test]
 async fn shutdown_returns_ok_and_a_broken_model_fails_start_up() -> Result<()> {
-    let worker = TestWorker::serving(sim_config("sim-stop")).await?;
+    let worker = TestWorker::serving(test_worker_config("sim-stop")).await?;
     worker.stop().await?;
 
-    let mut broken = sim_config("broken");
+    let mut broken = test_worker_config("broken");
     broken.engine_kind = orchard_common::config::EngineKind::Model;
     broken.model.path = "/nonexistent/model.gguf".into();
     let worker = TestWorker::start(broken).await?;

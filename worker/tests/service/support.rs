@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use orchard_common::config::{EngineKind, WorkerConfig};
+use orchard_common::config::WorkerConfig;
 use orchard_proto::v1 as pb;
 use orchard_proto::v1::worker_client::WorkerClient;
 use orchard_worker::server::{self, ServerError};
@@ -106,18 +106,6 @@ impl Drop for TestWorker {
             let _ = tx.send(());
         }
     }
-}
-
-/// A simulated worker with a small KV pool and a fast timing model.
-pub fn sim_config(id: &str) -> WorkerConfig {
-    let mut cfg = WorkerConfig {
-        id: id.into(),
-        engine_kind: EngineKind::Simulated,
-        ..WorkerConfig::default()
-    };
-    cfg.engine.num_kv_blocks = Some(256);
-    cfg.sim.step_overhead = Duration::from_millis(1);
-    cfg
 }
 
 /// A greedy request for `prompt` that runs to `max_tokens`.
