@@ -120,6 +120,37 @@ where
         });
 }
 
+/// Activation rows from which per-row element-wise work (quantization, SwiGLU) runs on the
+/// rayon pool; a decode step's few rows are not worth a hand-off.
+pub(crate) const PARALLEL_MIN_ROWS: usize = 4;
+
+/// One block of activations to int8 as candle's `from_float` computes it for Q8_0 and Q8_1:
+/// `d = max|x| / 127`, `q = round(x * (1 / d))` with halves away from zero. Returns `d` before
+/// any f16 rounding (each format rounds it its own way).
+pub(crate) fn quantize_i8(xb: &[f32], qb: &mut [i8]) -> f32 {
+    let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        *q = round_half_away(v * id) as i8;
+    }
+    d
+}
+
+/// `x.round()` (halves away from zero) the way the AVX2 Q8_1 quantizer computes it: truncate,
+/// then step away from zero when the exact remainder `x - trunc(x)` is at least 0.5. The scalar
+/// path rounds the same way so both are visibly the same computation (equal to `f32::round`,
+/// tested).
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
+}
+
 /// Weight rows a SIMD kernel computes together: independent accumulator chains hide the FMA
 /// latency and each activation block is loaded once for all of them.
 pub(crate) const ROW_GROUP: usize = 4;
@@ -161,4 +192,23 @@ fn row_chunk(job: RowsJob) -> usize {
     let target = job.n_out.div_ceil(threads * 4);
     let min_rows = (16384 / (job.row_bytes + 1) / job.t.max(1)).clamp(4, 256);
     target.max(min_rows).next_multiple_of(ROW_ALIGN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_half_away_equals_f32_round() {
+        let below_half = 0.5f32 - f32::EPSILON / 4.0;
+        let mut xs = vec![
+            0.0f32, -0.0, 0.5, -0.5, 1.5, -2.5, 126.5, -127.5, below_half,
+        ];
+        xs.push(-below_half);
+        xs.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.013_7));
+        xs.extend((0..1_000).map(|i| i as f32 * 0.25 - 125.0));
+        for x in xs {
+            assert_eq!(round_half_away(x), x.round(), "x = {x}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ use candle_core::{Device, Result, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
-use super::{par_rows, Isa, RowsJob, Tile, ROW_ALIGN};
+use super::{par_rows, quantize_i8, Isa, RowsJob, Tile, PARALLEL_MIN_ROWS, ROW_ALIGN};
 
 /// Number of weights in one Q4_1 / Q8_1 block.
 const QK: usize = 32;
@@ -127,34 +127,13 @@ impl Q8_1Activations {
     }
 }
 
-/// Activation rows from which quantization runs on the rayon pool.
-const PARALLEL_MIN_ROWS: usize = 4;
-
 /// One block of 32 activations to Q8_1, as candle's `BlockQ8_1::from_float` computes it.
 fn quantize_block(xb: &[f32], qb: &mut [i8], d: &mut f32, s: &mut f32) {
-    let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
-    let dx = amax / 127.0;
-    let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
-    for (q, &v) in qb.iter_mut().zip(xb) {
-        *q = round_half_away(v * id) as i8;
-    }
+    let dx = quantize_i8(xb, qb);
     let sum: i32 = qb.iter().map(|&q| q as i32).sum();
     let dh = f16::from_f32(dx);
     *d = dh.to_f32();
     *s = (f16::from_f32(sum as f32) * dh).to_f32();
-}
-
-/// `x.round()` (halves away from zero) from `trunc`, which compiles to one vector instruction
-/// where `round` is a libm call per element: `x - trunc(x)` is exact, so comparing it with 0.5
-/// decides the rounding exactly.
-#[inline(always)]
-fn round_half_away(x: f32) -> f32 {
-    let t = x.trunc();
-    if (x - t).abs() >= 0.5 {
-        t + 1f32.copysign(x)
-    } else {
-        t
-    }
 }
 
 impl Q4_1Matrix {
@@ -550,20 +529,6 @@ mod tests {
         assert_eq!(scalar.q, simd.q);
         assert_eq!(scalar.d, simd.d);
         assert_eq!(scalar.s, simd.s);
-    }
-
-    #[test]
-    fn round_half_away_equals_f32_round() {
-        let below_half = 0.5f32 - f32::EPSILON / 4.0;
-        let mut xs = vec![
-            0.0f32, -0.0, 0.5, -0.5, 1.5, -2.5, 126.5, -127.5, below_half,
-        ];
-        xs.push(-below_half);
-        xs.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.013_7));
-        xs.extend((0..1_000).map(|i| i as f32 * 0.25 - 125.0));
-        for x in xs {
-            assert_eq!(round_half_away(x), x.round(), "x = {x}");
-        }
     }
 
     fn random(shape: (usize, usize), seed: u64) -> Tensor {

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
 
-use super::{fill_tile, par_rows, Isa, RowsJob, Tile};
+use super::{fill_tile, par_rows, quantize_i8, Isa, RowsJob, Tile};
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -49,13 +49,7 @@ impl Q8_0Activations {
             .zip(q.chunks_exact_mut(QK))
             .zip(d.iter_mut())
         {
-            let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let dx = amax / 127.0;
-            let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-            }
-            *d = f16::from_f32(dx).to_f32();
+            *d = f16::from_f32(quantize_i8(xb, qb)).to_f32();
         }
         Self { t, k, d, q }
     }

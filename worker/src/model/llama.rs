@@ -18,7 +18,7 @@ use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
-use crate::kernels::vec;
+use crate::kernels::{vec, PARALLEL_MIN_ROWS};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
 /// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
@@ -389,7 +389,11 @@ impl Llama {
         let ff = self.cfg.intermediate_size;
         let mut act = vec![0f32; t * ff];
         // A prefill's rows on the pool (one `exp` per element); a decode token's on this thread.
-        let min_rows = if t >= 4 { 1 } else { usize::MAX };
+        let min_rows = if t >= PARALLEL_MIN_ROWS {
+            1
+        } else {
+            usize::MAX
+        };
         gu.par_chunks_exact(2 * ff)
             .zip(act.par_chunks_exact_mut(ff))
             .with_min_len(min_rows)
