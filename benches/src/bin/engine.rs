@@ -30,7 +30,7 @@ struct Cli {
     /// The `.gguf` model; default: the model deploy/fetch-model.sh fetches.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Compute threads for both engines (rayon pool and candle's pool); default: all cores.
+    /// Compute threads for both engines (Orchard's compute team and candle's pool); default: all cores.
     #[arg(long)]
     threads: Option<usize>,
     /// Small sizes (seconds): a smoke test of the whole benchmark, not a measurement.
@@ -54,7 +54,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         // candle sizes its own matmul pool from these when first used; set them before any
-        // thread starts. The engine's rayon pool is sized through `model.threads`.
+        // thread starts. The engine's compute team is sized through `model.threads`.
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }

@@ -91,14 +91,6 @@ pub enum EngineBenchError {
         /// Tokens the text gave.
         got: usize,
     },
-    /// `--threads` could not be applied (the global thread pool was built earlier).
-    #[error("asked for {wanted} compute threads but the global thread pool has {got}")]
-    Threads {
-        /// What `--threads` asked for.
-        wanted: usize,
-        /// What the process runs with.
-        got: usize,
-    },
     /// A measurement produced nothing to divide by (e.g. one output token: no decode phase).
     #[error("cannot measure {0}: the run produced no time or no tokens to divide")]
     Degenerate(&'static str),
@@ -177,8 +169,7 @@ impl EngineBenchConfig {
     }
 }
 
-/// Runs the whole benchmark: Orchard's engine first (it builds the global thread pool), then
-/// candle's baseline, and returns the report.
+/// Runs the whole benchmark: Orchard's engine first, then candle's baseline, and returns the report.
 pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchError> {
     config.check()?;
     let load_before = load_average();
@@ -188,13 +179,10 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchE
     let mut engine = ours::Engine::load(&worker_cfg)?;
     // One prompt maker for both sides: the same tokenizer, and a fresh text for every request.
     let mut prompts = workload::PromptMaker::new(engine.frontend());
-    let threads = rayon::current_num_threads();
-    if let Some(wanted) = config.threads.filter(|&w| w != threads) {
-        return Err(EngineBenchError::Threads {
-            wanted,
-            got: threads,
-        });
-    }
+    // The engine's compute team has `model.threads` threads, all cores when unset.
+    let threads = config
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let measured = ours::measure(&mut engine, &mut prompts, config, &progress)?;
     let engine_settings = report::EngineSettings::of(&worker_cfg);
     drop(engine);

@@ -201,7 +201,7 @@ impl EngineSettings {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunInfo {
     pub model: String,
-    /// Threads of the global compute pool during the run.
+    /// Compute threads of each engine during the run.
     pub threads: usize,
     pub repeat: u32,
     pub warmup: u32,

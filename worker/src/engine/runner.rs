@@ -5,6 +5,7 @@
 
 use super::batch::StepBatch;
 use super::EngineError;
+use crate::kernels::team::Team;
 use crate::model::{KvStore, Llama};
 
 /// One forward pass over a flattened step; implemented by the real model (LlamaRunner, which
@@ -22,24 +23,19 @@ pub trait ModelRunner: Send + 'static {
 pub struct LlamaRunner {
     model: Llama,
     kv: KvStore,
-    /// The compute threads of this engine (`model.threads`). A whole step runs inside the
-    /// pool, so the serial parts between kernels (norms, rope, attention of a decode token)
-    /// run on a pool thread while its siblings spin for the next kernel: the engine thread
-    /// just waits, instead of competing with spinning workers for the cores and paying a
-    /// cross-thread hand-off for every one of the ~150 parallel kernels of a step.
-    pool: rayon::ThreadPool,
+    /// The compute threads of this engine (`model.threads`). The engine thread runs the step
+    /// and takes part in every parallel section; the other threads spin for the next section
+    /// instead of sleeping between them (see [`Team`]).
+    team: Team,
 }
 
 impl LlamaRunner {
     /// Pairs a loaded model with a KV store sized for the engine's block pool, computing on
     /// `threads` threads (default: one per core).
     pub fn new(model: Llama, kv: KvStore, threads: Option<usize>) -> Result<Self, EngineError> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.unwrap_or(0))
-            .thread_name(|i| format!("orchard-compute-{i}"))
-            .build()
+        let team = Team::new(threads.unwrap_or(0), "orchard-compute")
             .map_err(|e| EngineError::Config(format!("model.threads: {e}")))?;
-        Ok(Self { model, kv, pool })
+        Ok(Self { model, kv, team })
     }
 }
 
@@ -48,8 +44,8 @@ impl ModelRunner for LlamaRunner {
         if batch.num_tokens() == 0 {
             return Ok(Vec::new());
         }
-        let Self { model, kv, pool } = self;
-        pool.install(|| step(model, kv, batch))
+        let Self { model, kv, team } = self;
+        team.install(|| step(model, kv, batch))
     }
 
     fn vocab_size(&self) -> usize {

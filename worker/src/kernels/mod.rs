@@ -7,9 +7,8 @@
 
 pub mod q4_1;
 pub mod q8_0;
+pub mod team;
 pub mod vec;
-
-use rayon::prelude::*;
 
 /// Which inner-product implementation to use; chosen by CPU feature detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +39,7 @@ impl Isa {
 pub(crate) struct RowsJob {
     pub n_out: usize,
     pub t: usize,
-    /// Bytes of weights per output row, to size rayon tasks.
+    /// Bytes of weights per output row, to size tasks.
     pub row_bytes: usize,
 }
 
@@ -66,7 +65,7 @@ impl Tile {
 }
 
 /// Fills `out[t, n_out]` by calling `tile(tile, out)` for contiguous runs of weight rows and
-/// tiles of tokens. Weight rows are spread over the rayon pool so each weight byte is read
+/// tiles of tokens. Weight rows are spread over the compute team so each weight byte is read
 /// from memory once per call, however many tokens the step holds; each task writes its own
 /// columns of every token's output row, so nothing is transposed afterwards.
 pub(crate) fn par_rows<F>(job: RowsJob, out: &mut [f32], tile: F)
@@ -80,7 +79,7 @@ where
     }
     let chunk = row_chunk(job);
     if t == 1 {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
+        team::for_each_chunk_mut(out, chunk, |ci, o| {
             let r0 = ci * chunk;
             let rows = r0..r0 + o.len();
             tile(Tile { rows, tokens: 0..1 }, o);
@@ -96,32 +95,29 @@ where
             task.push(piece);
         }
     }
-    pieces
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(ci, mut columns)| {
-            let r0 = ci * chunk;
-            let rows = r0..r0 + columns.first().map_or(0, |c| c.len());
-            let mut buf = vec![0f32; TOKEN_TILE * rows.len()];
-            for t0 in (0..t).step_by(TOKEN_TILE) {
-                let tokens = t0..(t0 + TOKEN_TILE).min(t);
-                let width = rows.len();
-                tile(
-                    Tile {
-                        rows: rows.clone(),
-                        tokens: tokens.clone(),
-                    },
-                    &mut buf,
-                );
-                for (ti, src) in tokens.zip(buf.chunks_exact(width)) {
-                    columns[ti].copy_from_slice(src);
-                }
+    team::for_each_mut(&mut pieces, |ci, columns| {
+        let r0 = ci * chunk;
+        let rows = r0..r0 + columns.first().map_or(0, |c| c.len());
+        let mut buf = vec![0f32; TOKEN_TILE * rows.len()];
+        for t0 in (0..t).step_by(TOKEN_TILE) {
+            let tokens = t0..(t0 + TOKEN_TILE).min(t);
+            let width = rows.len();
+            tile(
+                Tile {
+                    rows: rows.clone(),
+                    tokens: tokens.clone(),
+                },
+                &mut buf,
+            );
+            for (ti, src) in tokens.zip(buf.chunks_exact(width)) {
+                columns[ti].copy_from_slice(src);
             }
-        });
+        }
+    });
 }
 
 /// Activation rows from which per-row element-wise work (quantization, SwiGLU) runs on the
-/// rayon pool; a decode step's few rows are not worth a hand-off.
+/// compute team; a decode step's few rows are not worth a hand-off.
 pub(crate) const PARALLEL_MIN_ROWS: usize = 4;
 
 /// One block of activations to int8 as candle's `from_float` computes it for Q8_0 and Q8_1:
@@ -181,14 +177,14 @@ where
     }
 }
 
-/// Every rayon task starts on a multiple of this many weight rows, so kernels that interleave
+/// Every task starts on a multiple of this many weight rows, so kernels that interleave
 /// row groups (Q4_1) never split a group between tasks.
 pub(crate) const ROW_ALIGN: usize = 8;
 
-/// Rows per rayon task (a multiple of [`ROW_ALIGN`]): enough tasks to balance the pool, enough work per task to amortize
+/// Rows per task (a multiple of [`ROW_ALIGN`]): enough tasks to balance the team, enough work per task to amortize
 /// scheduling (~16 KiB of weight traffic or equivalent work).
 fn row_chunk(job: RowsJob) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team::current_threads();
     let target = job.n_out.div_ceil(threads * 4);
     let min_rows = (16384 / (job.row_bytes + 1) / job.t.max(1)).clamp(4, 256);
     target.max(min_rows).next_multiple_of(ROW_ALIGN)

@@ -24,12 +24,10 @@
 //! The activation quantization mirrors candle's `BlockQ8_1::from_float` bit for bit
 //! (including the f16 rounding of `d` and `s`).
 
+use super::{par_rows, quantize_i8, team, Isa, RowsJob, Tile, PARALLEL_MIN_ROWS, ROW_ALIGN};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
-use rayon::prelude::*;
-
-use super::{par_rows, quantize_i8, Isa, RowsJob, Tile, PARALLEL_MIN_ROWS, ROW_ALIGN};
 
 /// Number of weights in one Q4_1 / Q8_1 block.
 const QK: usize = 32;
@@ -42,6 +40,8 @@ const GROUP_BLOCK_BYTES: usize = ROWS * QK / 2;
 /// Tokens computed together in a multi-token step (a row group's nibbles are unpacked once
 /// for all of them).
 const TOKENS: usize = 4;
+/// Activation blocks one task quantizes in a multi-token step.
+const QUANTIZE_TASK_BLOCKS: usize = 64;
 
 /// A Q4_1 weight matrix `[n_out, k]` repacked for fast CPU matrix products (layout in the
 /// module docs). Rows past `n_out` in the last group are zero.
@@ -90,26 +90,30 @@ impl Q8_1Activations {
             s: vec![0f32; t * nb],
             q: vec![0i8; t * k],
         };
-        let blocks = x
-            .par_chunks_exact(QK)
-            .zip(act.q.par_chunks_exact_mut(QK))
-            .zip(act.d.par_iter_mut())
-            .zip(act.s.par_iter_mut());
-        // One decode token's few dozen blocks are not worth a rayon hand-off.
-        let min_blocks = if t >= PARALLEL_MIN_ROWS {
-            64
+        // One decode token's few dozen blocks are not worth a hand-off.
+        let per_task = if t >= PARALLEL_MIN_ROWS {
+            QUANTIZE_TASK_BLOCKS
         } else {
-            usize::MAX
+            (t * nb).max(1)
         };
-        blocks
-            .with_min_len(min_blocks)
-            .for_each(|(((xb, qb), d), s)| match isa {
-                Isa::Scalar => quantize_block(xb, qb, d, s),
-                // SAFETY: `Avx2` only comes from runtime detection (avx2, fma, f16c); blocks
-                // are 32 values (`k % 32 == 0` asserted above).
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2::quantize_block(xb, qb, d, s) },
-            });
+        let mut tasks: Vec<_> = x
+            .chunks(per_task * QK)
+            .zip(act.q.chunks_mut(per_task * QK))
+            .zip(act.d.chunks_mut(per_task))
+            .zip(act.s.chunks_mut(per_task))
+            .collect();
+        team::for_each_mut(&mut tasks, |_, (((x, q), d), s)| {
+            let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
+            for ((xb, qb), (d, s)) in blocks.zip(d.iter_mut().zip(s.iter_mut())) {
+                match isa {
+                    Isa::Scalar => quantize_block(xb, qb, d, s),
+                    // SAFETY: `Avx2` only comes from runtime detection (avx2, fma, f16c);
+                    // blocks are 32 values (`k % 32 == 0` asserted above).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { avx2::quantize_block(xb, qb, d, s) },
+                }
+            }
+        });
         act
     }
     /// Number of rows (tokens).

@@ -10,12 +10,10 @@
 //! - [`attention_candle`]: the generic path built from candle ops (gather the sequence's
 //!   blocks, `q k^T`, masked softmax, `· v`), which runs on any candle device (Metal, CUDA).
 
-use candle_core::{Device, Tensor};
-use rayon::prelude::*;
-
 use super::kv_store::KvStore;
 use crate::engine::batch::StepBatch;
-use crate::kernels::{vec, Isa};
+use crate::kernels::{team, vec, Isa};
+use candle_core::{Device, Tensor};
 
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -32,13 +30,13 @@ impl HeadLayout {
     }
 }
 
-/// From this many tokens a step's attention is spread over the pool one (token, KV head) at a
+/// From this many tokens a step's attention is spread over the compute team one (token, KV head) at a
 /// time, so the query heads of a GQA group share their K/V block visits.
 const PARALLEL_MIN_TOKENS: usize = 4;
 
 /// A step with fewer tokens (decode) spreads each token's attention over the pool (see
-/// [`attend_split`]) once the step covers this many (head, position) pairs; below it, rayon's
-/// hand-offs cost more than the work.
+/// [`attend_split`]) once the step covers this many (head, position) pairs; below it, the
+/// team's hand-offs cost more than the work.
 const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
 
 /// Value columns per task in [`attend_split`]'s weighted sums, the first of these that divides
@@ -83,10 +81,7 @@ pub fn paged_attention(
         .map(|&p| (p as usize + 1) * heads.num_heads)
         .sum();
     if tokens >= PARALLEL_MIN_TOKENS {
-        out_rows
-            .par_chunks_mut(group_width)
-            .enumerate()
-            .for_each(|(u, o)| group_unit(u, o));
+        team::for_each_chunk_mut(out_rows, group_width, group_unit);
     } else if let Some(cols) =
         split_columns(d).filter(|_| head_positions >= PARALLEL_MIN_HEAD_POSITIONS)
     {
@@ -215,7 +210,7 @@ fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, us
         .collect()
 }
 
-/// One token's attention, all heads, spread over the pool in three phases so that each K and V
+/// One token's attention, all heads, spread over the compute team in three phases so that each K and V
 /// byte is read once however many threads share the work (splitting by query head would read
 /// a GQA group's K/V once per head, which at long contexts no longer comes from cache):
 /// scores one task per KV block, a softmax per head, then weighted sums one task per (KV head,
@@ -242,22 +237,20 @@ fn attend_split(
     };
     // Scores, block-major: `[block][head][bs]`.
     let mut scores = vec![0f32; blocks.len() * nh * bs];
-    scores
-        .par_chunks_mut(nh * bs)
-        .zip(blocks.par_iter())
-        .for_each(|(sc, &(block, _, n))| {
-            let (keys, _) = kv.rows(layer, block * bs, n);
-            for (h, (s, q)) in sc
-                .chunks_exact_mut(bs)
-                .zip(token.q_row.chunks_exact(d))
-                .enumerate()
-            {
-                vec::scores(isa, q, rows(keys, h / group, 0, n), scale, &mut s[..n]);
-            }
-        });
+    team::for_each_chunk_mut(&mut scores, nh * bs, |bi, sc| {
+        let (block, _, n) = blocks[bi];
+        let (keys, _) = kv.rows(layer, block * bs, n);
+        for (h, (s, q)) in sc
+            .chunks_exact_mut(bs)
+            .zip(token.q_row.chunks_exact(d))
+            .enumerate()
+        {
+            vec::scores(isa, q, rows(keys, h / group, 0, n), scale, &mut s[..n]);
+        }
+    });
     // Each head's row gathered in position order, then its softmax.
     let mut probs = vec![0f32; nh * ctx];
-    probs.par_chunks_mut(ctx).enumerate().for_each(|(h, p)| {
+    team::for_each_chunk_mut(&mut probs, ctx, |h, p| {
         for (bi, &(_, first, n)) in blocks.iter().enumerate() {
             p[first..first + n].copy_from_slice(&scores[(bi * nh + h) * bs..][..n]);
         }
@@ -266,20 +259,17 @@ fn attend_split(
     // Weighted sums: task `u` = (KV head `g`, columns `c * cols..`) for the group's heads.
     let chunks = d / cols;
     let mut parts = vec![0f32; heads.num_kv_heads * chunks * group * cols];
-    parts
-        .par_chunks_mut(group * cols)
-        .enumerate()
-        .for_each(|(u, acc)| {
-            let (g, c) = (u / chunks, u % chunks);
-            let mut ps: Vec<&[f32]> = Vec::with_capacity(group);
-            for &(block, first, n) in &blocks {
-                let (_, values) = kv.rows(layer, block * bs, n);
-                let v = rows(values, g, c * cols, n);
-                ps.clear();
-                ps.extend((0..group).map(|hi| &probs[(g * group + hi) * ctx + first..][..n]));
-                vec::weighted_sum_heads(isa, acc, &ps, v);
-            }
-        });
+    team::for_each_chunk_mut(&mut parts, group * cols, |u, acc| {
+        let (g, c) = (u / chunks, u % chunks);
+        let mut ps: Vec<&[f32]> = Vec::with_capacity(group);
+        for &(block, first, n) in &blocks {
+            let (_, values) = kv.rows(layer, block * bs, n);
+            let v = rows(values, g, c * cols, n);
+            ps.clear();
+            ps.extend((0..group).map(|hi| &probs[(g * group + hi) * ctx + first..][..n]));
+            vec::weighted_sum_heads(isa, acc, &ps, v);
+        }
+    });
     for (u, acc) in parts.chunks_exact(group * cols).enumerate() {
         let (g, c) = (u / chunks, u % chunks);
         for (hi, a) in acc.chunks_exact(cols).enumerate() {

@@ -11,14 +11,13 @@
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use super::attention::{attention_candle, paged_attention, HeadLayout};
 use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
-use crate::kernels::{vec, PARALLEL_MIN_ROWS};
+use crate::kernels::{team, vec, PARALLEL_MIN_ROWS};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
 /// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
@@ -388,16 +387,14 @@ impl Llama {
         let gu = b.gate_up.forward_cpu(&h, t)?;
         let ff = self.cfg.intermediate_size;
         let mut act = vec![0f32; t * ff];
-        // A prefill's rows on the pool (one `exp` per element); a decode token's on this thread.
-        let min_rows = if t >= PARALLEL_MIN_ROWS {
-            1
-        } else {
-            usize::MAX
-        };
-        gu.par_chunks_exact(2 * ff)
-            .zip(act.par_chunks_exact_mut(ff))
-            .with_min_len(min_rows)
-            .for_each(|(row, out)| vec::swiglu(&row[..ff], &row[ff..], out));
+        // A prefill's rows on the team (one `exp` per element); a decode token's on this thread.
+        let rows_per_task = if t >= PARALLEL_MIN_ROWS { 1 } else { t.max(1) };
+        team::for_each_chunk_mut(&mut act, rows_per_task * ff, |i, out| {
+            let rows = &gu[i * rows_per_task * 2 * ff..];
+            for (row, out) in rows.chunks_exact(2 * ff).zip(out.chunks_exact_mut(ff)) {
+                vec::swiglu(&row[..ff], &row[ff..], out);
+            }
+        });
         let d = b.down.forward_cpu(&act, t)?;
         x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         Ok(())
