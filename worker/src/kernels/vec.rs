@@ -152,6 +152,27 @@ pub fn weighted_sum_heads(isa: Isa, ys: &mut [f32], ps: &[&[f32]], values: HeadR
     }
 }
 
+/// Asks for the cache lines of the first `width` floats of every row of `rows` ahead of their
+/// use (a hint that changes no result: the KV cache of a long context comes from memory, and
+/// each task's short run of rows is over before the hardware prefetcher ramps up).
+pub fn prefetch_rows(rows: HeadRows<'_>, width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if rows.fits(width) {
+        for j in 0..rows.n {
+            for line in rows.row(j, width).chunks(16) {
+                // SAFETY: SSE is part of x86-64; a prefetch of an in-bounds address.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        line.as_ptr() as *const i8,
+                    )
+                };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (rows, width);
+}
+
 /// `y = p[0] * v_0 + p[1] * v_1` with each product rounded before the sum: `gemm` computes a
 /// product whose inner dimension is 2 this way (its `gevv`), not with FMA, so a softmax over
 /// exactly two positions is weighted like this.

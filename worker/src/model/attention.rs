@@ -214,7 +214,8 @@ fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, us
 /// byte is read once however many threads share the work (splitting by query head would read
 /// a GQA group's K/V once per head, which at long contexts no longer comes from cache):
 /// scores one task per KV block, a softmax per head, then weighted sums one task per (KV head,
-/// `cols` value columns) for all the query heads of the group. Every score, softmax and output
+/// `cols` value columns) for all the query heads of the group. The K and V rows a task reads
+/// next are prefetched a block ahead (the cache of a long context comes from memory). Every score, softmax and output
 /// element goes through the same operations in the same order as in [`attend_heads`], so the
 /// result is the same bits.
 fn attend_split(
@@ -240,6 +241,20 @@ fn attend_split(
     team::for_each_chunk_mut(&mut scores, nh * bs, |bi, sc| {
         let (block, _, n) = blocks[bi];
         let (keys, _) = kv.rows(layer, block * bs, n);
+        // With two or more threads the next block is another task's: prefetch the one after.
+        if let Some(&(ahead, _, an)) = blocks.get(bi + 2) {
+            let (keys, _) = kv.rows(layer, ahead * bs, an);
+            let all = heads.num_kv_heads * d;
+            vec::prefetch_rows(
+                vec::HeadRows {
+                    data: keys,
+                    stride: all,
+                    offset: 0,
+                    n: an,
+                },
+                all,
+            );
+        }
         for (h, (s, q)) in sc
             .chunks_exact_mut(bs)
             .zip(token.q_row.chunks_exact(d))
@@ -262,9 +277,15 @@ fn attend_split(
     team::for_each_chunk_mut(&mut parts, group * cols, |u, acc| {
         let (g, c) = (u / chunks, u % chunks);
         let mut ps: Vec<&[f32]> = Vec::with_capacity(group);
-        for &(block, first, n) in &blocks {
+        for (bi, &(block, first, n)) in blocks.iter().enumerate() {
             let (_, values) = kv.rows(layer, block * bs, n);
             let v = rows(values, g, c * cols, n);
+            if let Some(&(ahead, _, an)) = blocks.get(bi + 1) {
+                vec::prefetch_rows(
+                    rows(kv.rows(layer, ahead * bs, an).1, g, c * cols, an),
+                    cols,
+                );
+            }
             ps.clear();
             ps.extend((0..group).map(|hi| &probs[(g * group + hi) * ctx + first..][..n]));
             vec::weighted_sum_heads(isa, acc, &ps, v);
