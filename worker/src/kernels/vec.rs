@@ -23,9 +23,7 @@ pub fn softmax(isa: Isa, x: &mut [f32]) {
     let Some(max) = x.iter().copied().reduce(f32::max) else {
         return;
     };
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-    }
+    exp_shifted(isa, x, max);
     let sum = match isa {
         Isa::Scalar => x.iter().fold(0.0f32, |s, &v| s + v),
         #[cfg(target_arch = "x86_64")]
@@ -209,10 +207,40 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// SwiGLU: `out[i] = silu(gate[i]) * up[i]`.
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+/// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, as `g / (1 + exp(-g)) * u` in f32.
+pub fn swiglu(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(
+        gate.len() == out.len() && up.len() == out.len(),
+        "swiglu: lengths"
+    );
+    let done = match isa {
+        Isa::Scalar => 0,
+        // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::swiglu(gate, up, out) },
+    };
+    for ((o, &g), &u) in out[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
         *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// In place: `x[i] = exp(x[i] - sub)`, each value the bits of `(x[i] - sub).exp()`.
+///
+/// `f32::exp` is a call into the C library per element; on x86-64 Linux with FMA that is
+/// glibc's `__expf_fma` (ARM's optimized-routines `expf`: a 32-entry table of `2^(i/32)` and a
+/// cubic in double precision). The AVX2 path runs that same algorithm, operation for operation
+/// with the same fused multiply-adds and constants, four doubles at a time, and hands any
+/// vector holding an input outside the fast path's range (`|x| >= 88`, infinities, NaN) to
+/// `f32::exp`, so the results are the library's bits (checked against `f32::exp` in the tests).
+pub fn exp_shifted(isa: Isa, x: &mut [f32], sub: f32) {
+    let done = match isa {
+        Isa::Scalar => 0,
+        // SAFETY: `Avx2` only comes from runtime detection.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::exp_shifted(x, sub) },
+    };
+    for v in &mut x[done..] {
+        *v = (*v - sub).exp();
     }
 }
 
@@ -220,6 +248,131 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 mod avx2 {
     use super::HeadRows;
     use std::arch::x86_64::*;
+
+    /// glibc's `__exp2f_data` (ARM optimized-routines): `TAB[i]` = bits of `2^(i/32)` minus
+    /// `i << 47`, so that adding `k << 47` scales it by `2^(k div 32)`.
+    const EXP_TAB: [u64; 32] = [
+        0x3ff0000000000000,
+        0x3fefd9b0d3158574,
+        0x3fefb5586cf9890f,
+        0x3fef9301d0125b51,
+        0x3fef72b83c7d517b,
+        0x3fef54873168b9aa,
+        0x3fef387a6e756238,
+        0x3fef1e9df51fdee1,
+        0x3fef06fe0a31b715,
+        0x3feef1a7373aa9cb,
+        0x3feedea64c123422,
+        0x3feece086061892d,
+        0x3feebfdad5362a27,
+        0x3feeb42b569d4f82,
+        0x3feeab07dd485429,
+        0x3feea47eb03a5585,
+        0x3feea09e667f3bcd,
+        0x3fee9f75e8ec5f74,
+        0x3feea11473eb0187,
+        0x3feea589994cce13,
+        0x3feeace5422aa0db,
+        0x3feeb737b0cdc5e5,
+        0x3feec49182a3f090,
+        0x3feed503b23e255d,
+        0x3feee89f995ad3ad,
+        0x3feeff76f2fb5e47,
+        0x3fef199bdd85529c,
+        0x3fef3720dcef9069,
+        0x3fef5818dcfba487,
+        0x3fef7c97337b9b5f,
+        0x3fefa4afa2a490da,
+        0x3fefd0765b6e4540,
+    ];
+    /// `32 / ln 2`.
+    const EXP_INVLN2_N: u64 = 0x40471547652b82fe;
+    /// `0x1.8p52`: adding it rounds a double to an integer held in the low mantissa bits.
+    const EXP_SHIFT: u64 = 0x4338000000000000;
+    /// The cubic's coefficients, scaled for `r` in units of `1/32`.
+    const EXP_C: [u64; 3] = [0x3ebc6af84b912394, 0x3f2ebfce50fac4f3, 0x3f962e42ff0c52d6];
+    /// Bits of `|x|` from which `expf` leaves its fast path (top 12 bits above `0x42a`).
+    const EXP_SLOW_BITS: i32 = 0x42b0_0000;
+
+    /// `expf` of four floats widened to doubles, glibc's fast path step for step.
+    ///
+    /// SAFETY: caller ensures avx2 + fma.
+    #[inline(always)]
+    unsafe fn exp4(xd: __m256d) -> __m128 {
+        let f = |bits: u64| _mm256_set1_pd(f64::from_bits(bits));
+        let (invln2, shift) = (f(EXP_INVLN2_N), f(EXP_SHIFT));
+        let kd0 = _mm256_fmadd_pd(invln2, xd, shift);
+        let ki = _mm256_castpd_si256(kd0);
+        let kd = _mm256_sub_pd(kd0, shift);
+        let r = _mm256_fmsub_pd(invln2, xd, kd);
+        let idx = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
+        let tab = _mm256_i64gather_epi64::<8>(EXP_TAB.as_ptr() as *const i64, idx);
+        let t = _mm256_add_epi64(tab, _mm256_slli_epi64::<47>(ki));
+        let z = _mm256_fmadd_pd(r, f(EXP_C[0]), f(EXP_C[1]));
+        let r2 = _mm256_mul_pd(r, r);
+        let y = _mm256_fmadd_pd(r, f(EXP_C[2]), _mm256_set1_pd(1.0));
+        let y = _mm256_fmadd_pd(z, r2, y);
+        _mm256_cvtpd_ps(_mm256_mul_pd(y, _mm256_castsi256_pd(t)))
+    }
+
+    /// Eight `expf`s, or `None` when a lane needs `expf`'s slow path.
+    ///
+    /// SAFETY: caller ensures avx2 + fma.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> Option<__m256> {
+        let abs = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fff_ffff));
+        let slow = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(EXP_SLOW_BITS - 1));
+        if _mm256_movemask_epi8(slow) != 0 {
+            return None;
+        }
+        let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
+        Some(_mm256_set_m128(hi, lo))
+    }
+
+    /// [`super::exp_shifted`] over whole vectors of eight; returns how many elements it did.
+    ///
+    /// SAFETY: caller ensures avx2 + fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted(x: &mut [f32], sub: f32) -> usize {
+        let n = x.len() / 8 * 8;
+        let s = _mm256_set1_ps(sub);
+        for chunk in x[..n].chunks_exact_mut(8) {
+            let p = chunk.as_mut_ptr();
+            let v = _mm256_sub_ps(_mm256_loadu_ps(p), s);
+            match exp8(v) {
+                Some(e) => _mm256_storeu_ps(p, e),
+                None => chunk.iter_mut().for_each(|c| *c = (*c - sub).exp()),
+            }
+        }
+        n
+    }
+
+    /// [`super::swiglu`] over whole vectors of eight; returns how many elements it did.
+    ///
+    /// SAFETY: caller ensures avx2 + fma and equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+        let n = out.len() / 8 * 8;
+        let (neg, one) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(1.0));
+        for i in (0..n).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            let e = match exp8(_mm256_xor_ps(g, neg)) {
+                Some(e) => e,
+                None => {
+                    let mut lanes = [0f32; 8];
+                    for (l, g) in lanes.iter_mut().zip(&gate[i..i + 8]) {
+                        *l = (-g).exp();
+                    }
+                    _mm256_loadu_ps(lanes.as_ptr())
+                }
+            };
+            let y = _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), u);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+        n
+    }
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -361,6 +514,73 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `exp_shifted` on every `stride`-th f32 bit pattern (NaNs and infinities included)
+    /// against `f32::exp`, bit for bit. Only glibc's `expf` is the reference the AVX2 path
+    /// reproduces, so elsewhere there is nothing to compare.
+    fn exp_agrees_with_libm(stride: usize) {
+        if !cfg!(all(target_os = "linux", target_env = "gnu")) || Isa::detect() == Isa::Scalar {
+            return;
+        }
+        let isa = Isa::detect();
+        let mut batch = Vec::with_capacity(1 << 16);
+        let check = |batch: &mut Vec<f32>| {
+            let mut got = batch.clone();
+            exp_shifted(isa, &mut got, 0.0);
+            for (x, e) in batch.iter().zip(&got) {
+                let want = x.exp();
+                assert!(
+                    want.to_bits() == e.to_bits() || (want.is_nan() && e.is_nan()),
+                    "exp({x:e}) = {e:e}, f32::exp gives {want:e}"
+                );
+            }
+            batch.clear();
+        };
+        for bits in (0..=u32::MAX).step_by(stride) {
+            batch.push(f32::from_bits(bits));
+            if batch.len() == batch.capacity() {
+                check(&mut batch);
+            }
+        }
+        // Around the fast path's edges and the softmax's usual range, densely.
+        let edges = [-103.98f32, -103.27, -88.73, -87.99, -1.0, 0.0, 87.99, 88.73];
+        for e in edges {
+            batch.extend((0..4096).map(|i| e + (i as f32 - 2048.0) * 1e-4));
+        }
+        batch.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            -0.0,
+        ]);
+        check(&mut batch);
+    }
+
+    #[test]
+    fn exp_is_the_c_librarys_expf() {
+        exp_agrees_with_libm(251);
+    }
+
+    /// All 2^32 inputs; minutes on two cores, so run on demand (`--ignored`).
+    #[test]
+    #[ignore]
+    fn exp_is_the_c_librarys_expf_for_every_input() {
+        exp_agrees_with_libm(1);
+    }
+
+    #[test]
+    fn swiglu_simd_gives_the_scalar_bits() {
+        let gate: Vec<f32> = (0..1001)
+            .map(|i| ((i as f32) * 0.37).sin() * [1.0, 10.0, 95.0, 150.0][i % 4])
+            .collect();
+        let up: Vec<f32> = (0..1001).map(|i| ((i as f32) * 0.11).cos() * 3.0).collect();
+        let (mut scalar, mut simd) = (vec![0f32; 1001], vec![0f32; 1001]);
+        swiglu(Isa::Scalar, &gate, &up, &mut scalar);
+        swiglu(Isa::detect(), &gate, &up, &mut simd);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&scalar), bits(&simd));
+    }
 
     /// `a · b` through [`scores`] (one key row, scale 1).
     fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {

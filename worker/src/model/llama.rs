@@ -17,7 +17,7 @@ use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
-use crate::kernels::{team, vec, PARALLEL_MIN_ROWS};
+use crate::kernels::{team, vec, Isa, PARALLEL_MIN_ROWS};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
 /// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
@@ -389,10 +389,11 @@ impl Llama {
         let mut act = vec![0f32; t * ff];
         // A prefill's rows on the team (one `exp` per element); a decode token's on this thread.
         let rows_per_task = if t >= PARALLEL_MIN_ROWS { 1 } else { t.max(1) };
+        let isa = Isa::detect();
         team::for_each_chunk_mut(&mut act, rows_per_task * ff, |i, out| {
             let rows = &gu[i * rows_per_task * 2 * ff..];
             for (row, out) in rows.chunks_exact(2 * ff).zip(out.chunks_exact_mut(ff)) {
-                vec::swiglu(&row[..ff], &row[ff..], out);
+                vec::swiglu(isa, &row[..ff], &row[ff..], out);
             }
         });
         let d = b.down.forward_cpu(&act, t)?;
