@@ -48,29 +48,36 @@ pub(crate) struct RowsJob {
 pub(crate) const TOKEN_TILE: usize = 16;
 
 /// A block of a row-parallel product handed to one task: weight rows `rows` against tokens
-/// `tokens`. The task writes the product of row `r` and token `ti` at `index(r, ti)` of the
-/// slice it is given (token-major: each token's rows are contiguous).
+/// `tokens`.
 #[derive(Debug, Clone)]
 pub(crate) struct Tile {
     pub rows: std::ops::Range<usize>,
     pub tokens: std::ops::Range<usize>,
 }
 
-impl Tile {
-    /// Where the product of weight row `r` and token `ti` goes in the task's output slice.
+/// Where a tile's products go: for each token of the tile, its output columns `tile.rows`
+/// (a piece of that token's output row, written in place).
+pub(crate) struct TileOut<'o, 'r> {
+    pub tile: Tile,
+    tokens: &'o mut [&'r mut [f32]],
+}
+
+impl TileOut<'_, '_> {
+    /// Stores the products of weight rows `r..r + values.len()` with token `ti`.
     #[inline]
-    pub fn index(&self, r: usize, ti: usize) -> usize {
-        (ti - self.tokens.start) * self.rows.len() + (r - self.rows.start)
+    pub fn put(&mut self, r: usize, ti: usize, values: &[f32]) {
+        let at = r - self.tile.rows.start;
+        self.tokens[ti - self.tile.tokens.start][at..at + values.len()].copy_from_slice(values);
     }
 }
 
-/// Fills `out[t, n_out]` by calling `tile(tile, out)` for contiguous runs of weight rows and
-/// tiles of tokens. Weight rows are spread over the compute team so each weight byte is read
-/// from memory once per call, however many tokens the step holds; each task writes its own
-/// columns of every token's output row, so nothing is transposed afterwards.
+/// Fills `out[t, n_out]` by calling `tile(out)` for contiguous runs of weight rows and tiles of
+/// tokens. Weight rows are spread over the compute team so each weight byte is read from
+/// memory once per call, however many tokens the step holds; each task writes its own columns
+/// of every token's output row in place, so nothing is copied or transposed afterwards.
 pub(crate) fn par_rows<F>(job: RowsJob, out: &mut [f32], tile: F)
 where
-    F: Fn(Tile, &mut [f32]) + Sync,
+    F: Fn(TileOut<'_, '_>) + Sync,
 {
     let RowsJob { n_out, t, .. } = job;
     assert_eq!(out.len(), t * n_out, "par_rows: out length");
@@ -82,7 +89,10 @@ where
         team::for_each_chunk_mut(out, chunk, |ci, o| {
             let r0 = ci * chunk;
             let rows = r0..r0 + o.len();
-            tile(Tile { rows, tokens: 0..1 }, o);
+            tile(TileOut {
+                tile: Tile { rows, tokens: 0..1 },
+                tokens: &mut [o],
+            });
         });
         return;
     }
@@ -98,20 +108,15 @@ where
     team::for_each_mut(&mut pieces, |ci, columns| {
         let r0 = ci * chunk;
         let rows = r0..r0 + columns.first().map_or(0, |c| c.len());
-        let mut buf = vec![0f32; TOKEN_TILE * rows.len()];
         for t0 in (0..t).step_by(TOKEN_TILE) {
             let tokens = t0..(t0 + TOKEN_TILE).min(t);
-            let width = rows.len();
-            tile(
-                Tile {
+            tile(TileOut {
+                tile: Tile {
                     rows: rows.clone(),
                     tokens: tokens.clone(),
                 },
-                &mut buf,
-            );
-            for (ti, src) in tokens.zip(buf.chunks_exact(width)) {
-                columns[ti].copy_from_slice(src);
-            }
+                tokens: &mut columns[tokens],
+            });
         }
     });
 }
@@ -154,22 +159,21 @@ pub(crate) const ROW_GROUP: usize = 4;
 /// Fills a tile's outputs: `group(r, ti)` gives rows `r..r + ROW_GROUP` against token `ti`,
 /// `one(r, ti)` a single row (the tile's last `< ROW_GROUP` rows). Both must compute each
 /// (row, token) with the same operations, so results do not depend on the grouping.
-pub(crate) fn fill_tile<G, O>(tile: &Tile, out: &mut [f32], group: G, one: O)
+pub(crate) fn fill_tile<G, O>(mut out: TileOut<'_, '_>, group: G, one: O)
 where
     G: Fn(usize, usize) -> [f32; ROW_GROUP],
     O: Fn(usize, usize) -> f32,
 {
+    let tile = out.tile.clone();
     let mut r = tile.rows.start;
     while r < tile.rows.end {
         let n = ROW_GROUP.min(tile.rows.end - r);
         for ti in tile.tokens.clone() {
             if n == ROW_GROUP {
-                for (i, v) in group(r, ti).into_iter().enumerate() {
-                    out[tile.index(r + i, ti)] = v;
-                }
+                out.put(r, ti, &group(r, ti));
             } else {
                 for i in 0..n {
-                    out[tile.index(r + i, ti)] = one(r + i, ti);
+                    out.put(r + i, ti, &[one(r + i, ti)]);
                 }
             }
         }

@@ -24,7 +24,7 @@
 //! The activation quantization mirrors candle's `BlockQ8_1::from_float` bit for bit
 //! (including the f16 rounding of `d` and `s`).
 
-use super::{par_rows, quantize_i8, team, Isa, RowsJob, Tile, PARALLEL_MIN_ROWS, ROW_ALIGN};
+use super::{par_rows, quantize_i8, team, Isa, RowsJob, TileOut, PARALLEL_MIN_ROWS, ROW_ALIGN};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
@@ -264,7 +264,8 @@ impl Q4_1Matrix {
             t: act.t,
             row_bytes: nb * BLOCK_BYTES,
         };
-        par_rows(job, out, |tile: Tile, o: &mut [f32]| {
+        par_rows(job, out, |mut o: TileOut<'_, '_>| {
+            let tile = o.tile.clone();
             // Tasks start on group boundaries (`ROW_ALIGN`); the last may end mid-group.
             for g in tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS) {
                 let w = self.group(g);
@@ -276,14 +277,11 @@ impl Q4_1Matrix {
                     } else {
                         1
                     };
-                    let at = Place {
-                        rows: rows.clone(),
-                        ti,
-                        tile: &tile,
-                    };
                     match n {
-                        TOKENS => write_group(kernel.dot_group::<TOKENS>(w, act, ti), at, o),
-                        _ => write_group(kernel.dot_group::<1>(w, act, ti), at, o),
+                        TOKENS => {
+                            write_group(kernel.dot_group::<TOKENS>(w, act, ti), &rows, ti, &mut o)
+                        }
+                        _ => write_group(kernel.dot_group::<1>(w, act, ti), &rows, ti, &mut o),
                     }
                     ti += n;
                 }
@@ -292,20 +290,16 @@ impl Q4_1Matrix {
     }
 }
 
-/// Where a kernel call's results go inside a task's tile: rows (at most one group) and the
-/// first token.
-struct Place<'a> {
-    rows: std::ops::Range<usize>,
+/// Writes the results of one row group (lane = row within the group; `rows` may end
+/// mid-group) for `C` tokens from `ti`.
+fn write_group<const C: usize>(
+    res: [[f32; ROWS]; C],
+    rows: &std::ops::Range<usize>,
     ti: usize,
-    tile: &'a Tile,
-}
-
-/// Writes `C` tokens' results of one row group (lane = row within the group).
-fn write_group<const C: usize>(res: [[f32; ROWS]; C], at: Place<'_>, o: &mut [f32]) {
+    o: &mut TileOut<'_, '_>,
+) {
     for (c, lanes) in res.iter().enumerate() {
-        for (r, &v) in at.rows.clone().zip(lanes) {
-            o[at.tile.index(r, at.ti + c)] = v;
-        }
+        o.put(rows.start, ti + c, &lanes[..rows.len()]);
     }
 }
 

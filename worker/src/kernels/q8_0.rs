@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
 
-use super::{fill_tile, par_rows, quantize_i8, Isa, RowsJob, Tile};
+use super::{fill_tile, par_rows, quantize_i8, Isa, RowsJob, TileOut};
 
 /// Values per Q8_0 block.
 const QK: usize = 32;
@@ -114,9 +114,8 @@ impl Q8_0Matrix {
         };
         let row = |r: usize| (&self.d[r * nb..(r + 1) * nb], &self.q[r * k..(r + 1) * k]);
         let x = |ti: usize| (&act.d[ti * nb..(ti + 1) * nb], &act.q[ti * k..(ti + 1) * k]);
-        par_rows(job, out, |tile: Tile, o: &mut [f32]| {
+        par_rows(job, out, |o: TileOut<'_, '_>| {
             fill_tile(
-                &tile,
                 o,
                 |r, ti| isa.dot_rows_q8_0([row(r), row(r + 1), row(r + 2), row(r + 3)], x(ti)),
                 |r, ti| isa.dot_rows_q8_0([row(r)], x(ti))[0],
