@@ -125,6 +125,22 @@ where
 /// compute team; a decode step's few rows are not worth a hand-off.
 pub(crate) const PARALLEL_MIN_ROWS: usize = 4;
 
+/// Runs `f(first_row, run)` over runs of whole `width`-wide rows of `data`: a few runs per
+/// thread on the compute team when there are at least [`PARALLEL_MIN_ROWS`] rows (a prefill),
+/// else one run on this thread. For per-row work (norms, rotary embeddings, SwiGLU), whose
+/// results do not depend on the split.
+pub(crate) fn par_row_runs<F>(data: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    let rows = data.len() / width.max(1);
+    let per_run = match rows >= PARALLEL_MIN_ROWS {
+        true => rows.div_ceil(team::current_threads() * 4),
+        false => rows.max(1),
+    };
+    team::for_each_chunk_mut(data, per_run * width.max(1), |i, run| f(i * per_run, run));
+}
+
 /// One block of activations to int8 as candle's `from_float` computes it for Q8_0 and Q8_1:
 /// `d = max|x| / 127`, `q = round(x * (1 / d))` with halves away from zero. Returns `d` before
 /// any f16 rounding (each format rounds it its own way).

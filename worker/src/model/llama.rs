@@ -17,7 +17,7 @@ use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
-use crate::kernels::{team, vec, Isa, PARALLEL_MIN_ROWS};
+use crate::kernels::{par_row_runs, vec, Isa};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
 /// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
@@ -58,6 +58,13 @@ impl Rope {
     /// Rotates every head of every row in place; `x` is `[T, heads * head_dim]`.
     fn apply(&self, x: &mut [f32], positions: &[u32], head_dim: usize) {
         let width = x.len() / positions.len().max(1);
+        par_row_runs(x, width, |first, run| {
+            self.apply_rows(run, &positions[first..], width, head_dim)
+        });
+    }
+
+    /// [`Rope::apply`] to the rows of `x`, the first at `positions[0]`.
+    fn apply_rows(&self, x: &mut [f32], positions: &[u32], width: usize, head_dim: usize) {
         for (row, &pos) in x.chunks_mut(width).zip(positions) {
             let at = pos as usize * self.half;
             let (cos, sin) = (&self.cos[at..at + self.half], &self.sin[at..at + self.half]);
@@ -100,7 +107,10 @@ impl Norm {
 
     fn forward_cpu(&self, x: &[f32], eps: f32) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
-        vec::rms_norm(x, &self.cpu, eps, &mut out);
+        let n = self.cpu.len();
+        par_row_runs(&mut out, n, |first, run| {
+            vec::rms_norm(&x[first * n..][..run.len()], &self.cpu, eps, run);
+        });
         out
     }
 }
@@ -387,12 +397,10 @@ impl Llama {
         let gu = b.gate_up.forward_cpu(&h, t)?;
         let ff = self.cfg.intermediate_size;
         let mut act = vec![0f32; t * ff];
-        // A prefill's rows on the team (one `exp` per element); a decode token's on this thread.
-        let rows_per_task = if t >= PARALLEL_MIN_ROWS { 1 } else { t.max(1) };
         let isa = Isa::detect();
-        team::for_each_chunk_mut(&mut act, rows_per_task * ff, |i, out| {
-            let rows = &gu[i * rows_per_task * 2 * ff..];
-            for (row, out) in rows.chunks_exact(2 * ff).zip(out.chunks_exact_mut(ff)) {
+        par_row_runs(&mut act, ff, |first, run| {
+            let rows = gu[first * 2 * ff..].chunks_exact(2 * ff);
+            for (row, out) in rows.zip(run.chunks_exact_mut(ff)) {
                 vec::swiglu(isa, &row[..ff], &row[ff..], out);
             }
         });
