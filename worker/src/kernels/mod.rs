@@ -121,7 +121,7 @@ where
     });
 }
 
-/// Activation rows from which per-row element-wise work (quantization, SwiGLU) runs on the
+/// Activation rows from which per-row work (quantization, norms, RoPE, SwiGLU) runs on the
 /// compute team; a decode step's few rows are not worth a hand-off.
 pub(crate) const PARALLEL_MIN_ROWS: usize = 4;
 

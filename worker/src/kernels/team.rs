@@ -3,8 +3,9 @@
 //! One decode step of a small model opens a few hundred parallel sections (every matrix of
 //! every layer, attention, the LM head), each only a few microseconds of work. A fork-join pool
 //! like rayon pays for each of them with a job injection, a wake-up of sleeping workers through
-//! the kernel and a latch wait, which measured a third of this model's decode wall time on a
-//! 2-core machine. llama.cpp's `ggml_threadpool` avoids that, and so does this team:
+//! the kernel and a latch wait (on a 2-core machine, a decode step of the default model took
+//! 12.1 ms through rayon's global pool and 7.6 ms on this team: `model_step` bench). llama.cpp's
+//! `ggml_threadpool` avoids that, and so does this team:
 //!
 //! - the worker threads are started once ([`Team::new`]) and, between sections, spin on an
 //!   epoch counter, so publishing a section costs a cache-line transfer, not a system call;
