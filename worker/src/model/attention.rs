@@ -30,12 +30,12 @@ impl HeadLayout {
     }
 }
 
-/// From this many tokens a step's attention is spread over the compute team one (token, KV head) at a
-/// time, so the query heads of a GQA group share their K/V block visits.
+/// From this many tokens a step's attention is spread over the compute team one (token, KV
+/// head) at a time, so the query heads of a GQA group share their K/V block visits.
 const PARALLEL_MIN_TOKENS: usize = 4;
 
-/// A step with fewer tokens (decode) spreads each token's attention over the pool (see
-/// [`attend_split`]) once the step covers this many (head, position) pairs; below it, the
+/// A step with fewer tokens (decode) spreads a token's attention over the compute team (see
+/// [`attend_split`]) once the token covers this many (head, position) pairs; below it, the
 /// team's hand-offs cost more than the work.
 const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
 
@@ -74,32 +74,22 @@ pub fn paged_attention(
     };
     let out_rows = &mut out[..tokens * width];
     let group_width = heads.group() * d;
-    let head_positions: usize = batch
-        .positions
-        .iter()
-        .take(tokens)
-        .map(|&p| (p as usize + 1) * heads.num_heads)
-        .sum();
     if tokens >= PARALLEL_MIN_TOKENS {
         team::for_each_chunk_mut(out_rows, group_width, group_unit);
-    } else if let Some(cols) =
-        split_columns(d).filter(|_| head_positions >= PARALLEL_MIN_HEAD_POSITIONS)
-    {
-        for (t, o) in out_rows.chunks_mut(width).enumerate() {
-            match query(t) {
-                Some(token) if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS => {
-                    attend_split(&token, o, kv, layer, (heads, cols), isa)
-                }
-                _ => {
-                    for (g, og) in o.chunks_mut(group_width).enumerate() {
-                        unit(t, g * heads.group(), og);
-                    }
+        return out;
+    }
+    for (t, o) in out_rows.chunks_mut(width).enumerate() {
+        match (query(t), split_columns(d)) {
+            (Some(token), Some(cols))
+                if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS =>
+            {
+                attend_split(&token, o, kv, layer, (heads, cols), isa)
+            }
+            _ => {
+                for (g, og) in o.chunks_mut(group_width).enumerate() {
+                    unit(t, g * heads.group(), og);
                 }
             }
-        }
-    } else {
-        for (u, o) in out_rows.chunks_mut(group_width).enumerate() {
-            group_unit(u, o);
         }
     }
     out
@@ -210,14 +200,14 @@ fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, us
         .collect()
 }
 
-/// One token's attention, all heads, spread over the compute team in three phases so that each K and V
-/// byte is read once however many threads share the work (splitting by query head would read
-/// a GQA group's K/V once per head, which at long contexts no longer comes from cache):
-/// scores one task per KV block, a softmax per head, then weighted sums one task per (KV head,
-/// `cols` value columns) for all the query heads of the group. The K and V rows a task reads
-/// next are prefetched a block ahead (the cache of a long context comes from memory). Every score, softmax and output
-/// element goes through the same operations in the same order as in [`attend_heads`], so the
-/// result is the same bits.
+/// One token's attention, all heads, spread over the compute team in three phases so that each
+/// K and V byte is read once however many threads share the work (splitting by query head
+/// would read a GQA group's K/V once per head, which at long contexts no longer comes from
+/// cache): scores one task per KV block, a softmax per head, then weighted sums one task per
+/// (KV head, `cols` value columns) for all the query heads of the group. The K and V rows a
+/// task reads next are prefetched a block ahead (the cache of a long context comes from
+/// memory). Every score, softmax and output element goes through the same operations in the
+/// same order as in [`attend_heads`], so the result is the same bits.
 fn attend_split(
     token: &TokenQuery<'_>,
     out: &mut [f32],
@@ -244,16 +234,7 @@ fn attend_split(
         // With two or more threads the next block is another task's: prefetch the one after.
         if let Some(&(ahead, _, an)) = blocks.get(bi + 2) {
             let (keys, _) = kv.rows(layer, ahead * bs, an);
-            let all = heads.num_kv_heads * d;
-            vec::prefetch_rows(
-                vec::HeadRows {
-                    data: keys,
-                    stride: all,
-                    offset: 0,
-                    n: an,
-                },
-                all,
-            );
+            vec::prefetch_rows(rows(keys, 0, 0, an), heads.num_kv_heads * d);
         }
         for (h, (s, q)) in sc
             .chunks_exact_mut(bs)
