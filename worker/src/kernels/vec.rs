@@ -416,21 +416,18 @@ mod avx2 {
             }
             return;
         }
-        // Four keys at a time: four independent FMA chains per query load, each in `dot`'s
-        // order, so the scores are the one-key path's bits.
+        // Eight, then four keys at a time: independent FMA chains per query load, each in
+        // `dot`'s order, so the scores are the one-key path's bits.
         let (qp, base) = (q.as_ptr(), keys.data.as_ptr().add(keys.offset));
         let mut j = 0;
+        while j + 8 <= keys.n {
+            let acc = key_dots::<8>(qp, d, base.add(j * keys.stride), keys.stride);
+            let s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
+            j += 8;
+        }
         while j + 4 <= keys.n {
-            let k: [*const f32; 4] = std::array::from_fn(|u| base.add((j + u) * keys.stride));
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut i = 0;
-            while i < d {
-                let x = _mm256_loadu_ps(qp.add(i));
-                for (a, kp) in acc.iter_mut().zip(k) {
-                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(kp.add(i)), *a);
-                }
-                i += 8;
-            }
+            let acc = key_dots::<4>(qp, d, base.add(j * keys.stride), keys.stride);
             for (u, a) in acc.into_iter().enumerate() {
                 out[j + u] = hsum(a) * scale;
             }
@@ -439,6 +436,58 @@ mod avx2 {
         for (jj, o) in out[j..keys.n].iter_mut().enumerate() {
             *o = dot(q, keys.row(j + jj, d)) * scale;
         }
+    }
+
+    /// The lane accumulators of `q · k_u` for `K` keys (`k_u` at `keys + u * stride`): lane
+    /// `i % 8` adds `q[i] * k[i]` with FMA in index order, as `dot` does.
+    ///
+    /// SAFETY: avx2 and fma available; `d % 8 == 0`, `d` floats at `q` and at every key.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn key_dots<const K: usize>(
+        q: *const f32,
+        d: usize,
+        keys: *const f32,
+        stride: usize,
+    ) -> [__m256; K] {
+        let mut acc = [_mm256_setzero_ps(); K];
+        let mut i = 0;
+        while i < d {
+            let x = _mm256_loadu_ps(q.add(i));
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys.add(u * stride + i)), *a);
+            }
+            i += 8;
+        }
+        acc
+    }
+
+    /// `[hsum(a[0]), .., hsum(a[7])]` with the same additions in the same pairing as
+    /// [`hsum`] (`(l0 + l4) + (l2 + l6)` + `(l1 + l5) + (l3 + l7)`), eight vectors at once.
+    ///
+    /// SAFETY: avx2 available.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
+        // t_j[l] = a_j[l] + a_j[l + 4]: keys j and j + 4 in the two 128-bit halves.
+        let t: [__m256; 4] = std::array::from_fn(|j| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a[j], a[j + 4]),
+                _mm256_permute2f128_ps::<0x31>(a[j], a[j + 4]),
+            )
+        });
+        // x[l] = (t0 + t2, t1 + t3) for two keys per half.
+        let x = |p: __m256, q: __m256| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(p, q),
+                _mm256_shuffle_ps::<0xEE>(p, q),
+            )
+        };
+        let (x01, x23) = (x(t[0], t[1]), x(t[2], t[3]));
+        _mm256_add_ps(
+            _mm256_shuffle_ps::<0x88>(x01, x23),
+            _mm256_shuffle_ps::<0xDD>(x01, x23),
+        )
     }
 
     /// `L` lanes of 8 columns per head.
@@ -481,32 +530,49 @@ mod avx2 {
     pub(super) unsafe fn weighted_sum(y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
         let d = y.len();
         let (yp, base) = (y.as_mut_ptr(), values.data.as_ptr().add(values.offset));
+        let p = &p[..values.n];
         let mut i = 0;
-        // Up to 64 columns per pass in registers, so the FMA chains of different columns
-        // overlap; each column still adds its rows in `j` order.
+        // 64 columns per pass in registers, so the FMA chains of different columns overlap;
+        // each column still adds its rows in `j` order.
+        while i + 64 <= d {
+            weighted_columns::<8>(yp.add(i), base.add(i), values.stride, p);
+            i += 64;
+        }
         while i + 8 <= d {
-            let lanes = ((d - i) / 8).min(8);
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (c, a) in acc[..lanes].iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(yp.add(i + 8 * c));
-            }
-            for (j, &a) in p[..values.n].iter().enumerate() {
-                let w = _mm256_set1_ps(a);
-                let row = base.add(j * values.stride + i);
-                for (c, acc) in acc[..lanes].iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * c)), *acc);
-                }
-            }
-            for (c, a) in acc[..lanes].iter().enumerate() {
-                _mm256_storeu_ps(yp.add(i + 8 * c), *a);
-            }
-            i += 8 * lanes;
+            weighted_columns::<1>(yp.add(i), base.add(i), values.stride, p);
+            i += 8;
         }
         while i < d {
-            for (j, &a) in p[..values.n].iter().enumerate() {
+            for (j, &a) in p.iter().enumerate() {
                 *yp.add(i) = a.mul_add(*base.add(j * values.stride + i), *yp.add(i));
             }
             i += 1;
+        }
+    }
+
+    /// `y[..8L] += sum_j p[j] * row_j[..8L]` (row `j` at `base + j * stride`), rows in `j`
+    /// order, with the `L` accumulators in registers (a constant count, so they are not kept
+    /// in memory between rows).
+    ///
+    /// SAFETY: avx2 and fma available; `8L` floats at `y` and at every row for `j < p.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn weighted_columns<const L: usize>(
+        y: *mut f32,
+        base: *const f32,
+        stride: usize,
+        p: &[f32],
+    ) {
+        let mut acc: [__m256; L] = std::array::from_fn(|c| _mm256_loadu_ps(y.add(8 * c)));
+        for (j, &a) in p.iter().enumerate() {
+            let w = _mm256_set1_ps(a);
+            let row = base.add(j * stride);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * c)), *acc);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(8 * c), *a);
         }
     }
 }
@@ -699,6 +765,36 @@ mod tests {
     }
 
     /// The scalar path computes the AVX2 path's bits, tails included.
+    #[test]
+    fn scores_and_weighted_sums_are_the_same_bits_on_both_instruction_sets() {
+        // Head widths with 64-column passes, 8-column passes and scalar tails; key counts that
+        // use the eight-key, four-key and one-key score paths; rows strided inside a wider
+        // slot (offset 8), as the KV store lays out several KV heads.
+        let isa = Isa::detect();
+        for d in [8usize, 64, 72, 136, 13] {
+            for n in [1usize, 3, 4, 8, 12, 15, 16, 29] {
+                let stride = d + 16;
+                let q = wave(d, 0.37);
+                let kv = wave(n * stride, 0.11);
+                let rows = HeadRows {
+                    data: &kv,
+                    stride,
+                    offset: 8,
+                    n,
+                };
+                let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+                scores(Isa::Scalar, &q, rows, 0.125, &mut want);
+                scores(isa, &q, rows, 0.125, &mut got);
+                assert_eq!(got, want, "scores, d = {d}, n = {n}");
+                let p = wave(n, 0.7);
+                let (mut want, mut got) = (wave(d, 0.3), wave(d, 0.3));
+                weighted_sum(Isa::Scalar, &mut want, &p, rows);
+                weighted_sum(isa, &mut got, &p, rows);
+                assert_eq!(got, want, "weighted sum, d = {d}, n = {n}");
+            }
+        }
+    }
+
     #[test]
     fn dot_and_softmax_are_the_same_on_both_instruction_sets() {
         let isa = Isa::detect();
