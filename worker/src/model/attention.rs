@@ -55,8 +55,23 @@ pub fn paged_attention(
     layer: usize,
     heads: HeadLayout,
 ) -> Vec<f32> {
-    let (width, d) = (heads.num_heads * heads.head_dim, heads.head_dim);
     let mut out = vec![0.0f32; q.len()];
+    paged_attention_into(q, batch, kv, layer, heads, &mut out);
+    out
+}
+
+/// [`paged_attention`] into `out` (`q.len()` values, all written: rows of tokens outside the
+/// batch are zero).
+pub fn paged_attention_into(
+    q: &[f32],
+    batch: &StepBatch,
+    kv: &KvStore,
+    layer: usize,
+    heads: HeadLayout,
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), q.len(), "paged_attention: output length");
+    let (width, d) = (heads.num_heads * heads.head_dim, heads.head_dim);
     let owners = token_owners(batch);
     let isa = Isa::detect();
     let tokens = owners.len().min(q.len() / width.max(1));
@@ -72,11 +87,12 @@ pub fn paged_attention(
         let kvh = heads.num_kv_heads;
         unit(u / kvh, (u % kvh) * heads.group(), o);
     };
-    let out_rows = &mut out[..tokens * width];
+    let (out_rows, rest) = out.split_at_mut(tokens * width);
+    rest.fill(0.0);
     let group_width = heads.group() * d;
     if tokens >= PARALLEL_MIN_TOKENS {
         team::for_each_chunk_mut(out_rows, group_width, group_unit);
-        return out;
+        return;
     }
     for (t, o) in out_rows.chunks_mut(width).enumerate() {
         match (query(t), split_columns(d)) {
@@ -92,7 +108,6 @@ pub fn paged_attention(
             }
         }
     }
-    out
 }
 
 /// Token `t`'s query: its row of `q`, its sequence's block table and its context length; `None`

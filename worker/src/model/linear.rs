@@ -53,24 +53,41 @@ impl Linear {
 
     /// `x @ W^T` for `x: [t, k]` on the CPU; returns `[t, n_out]`.
     pub fn forward_cpu(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; t * self.n_out()];
+        self.forward_cpu_into(x, t, &mut out)?;
+        Ok(out)
+    }
+
+    /// Output features (rows of W).
+    pub fn n_out(&self) -> usize {
+        match self {
+            Linear::Q4_1(w) => w.n_out(),
+            Linear::Q8_0(w) => w.n_out(),
+            Linear::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.dim(0).unwrap_or(0),
+            Linear::Candle(QMatMul::QTensor(w)) => w.shape().dims().first().copied().unwrap_or(0),
+        }
+    }
+
+    /// `x @ W^T` for `x: [t, k]` on the CPU into `out: [t, n_out]`, every element of which is
+    /// written (so a reused buffer needs no zeroing).
+    pub fn forward_cpu_into(&self, x: &[f32], t: usize, out: &mut [f32]) -> Result<()> {
         match self {
             Linear::Q4_1(w) => {
                 let act = Q8_1Activations::quantize(x, t, w.k());
-                let mut out = vec![0f32; t * w.n_out()];
-                w.matmul_q8(&act, &mut out);
-                Ok(out)
+                w.matmul_q8(&act, out);
             }
-            Linear::Q8_0(w) => {
-                let mut out = vec![0f32; t * w.n_out()];
-                w.matmul(x, t, &mut out);
-                Ok(out)
-            }
+            Linear::Q8_0(w) => w.matmul(x, t, out),
             Linear::Candle(m) => {
                 let k = x.len() / t.max(1);
                 let xs = Tensor::from_slice(x, (t, k), &Device::Cpu)?;
-                m.forward(&xs)?.flatten_all()?.to_vec1::<f32>()
+                let y = m.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?;
+                if y.len() != out.len() {
+                    candle_core::bail!("Linear: {} outputs for a buffer of {}", y.len(), out.len());
+                }
+                out.copy_from_slice(&y);
             }
         }
+        Ok(())
     }
 
     /// `x @ W^T` for a `[t, k]` tensor on the weight's device.

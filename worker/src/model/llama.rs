@@ -9,10 +9,12 @@
 //! Orchard's kernels (quantized matmuls, paged attention, fused SwiGLU); on any other candle
 //! device they run as candle ops with the generic attention path.
 
+use std::sync::Mutex;
+
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
-use super::attention::{attention_candle, paged_attention, HeadLayout};
+use super::attention::{attention_candle, paged_attention_into, HeadLayout};
 use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
@@ -107,11 +109,16 @@ impl Norm {
 
     fn forward_cpu(&self, x: &[f32], eps: f32) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
+        self.forward_cpu_into(x, eps, &mut out);
+        out
+    }
+
+    /// RMSNorm of the rows of `x` into `out` (same length; every element written).
+    fn forward_cpu_into(&self, x: &[f32], eps: f32, out: &mut [f32]) {
         let n = self.cpu.len();
-        par_row_runs(&mut out, n, |first, run| {
+        par_row_runs(out, n, |first, run| {
             vec::rms_norm(&x[first * n..][..run.len()], &self.cpu, eps, run);
         });
-        out
     }
 }
 
@@ -147,6 +154,43 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// The CPU path's activation buffers, reused by every layer of every step.
+    scratch: Mutex<Scratch>,
+}
+
+/// Activation buffers of the CPU path, kept at the largest step seen so far and reused by
+/// every layer and step: a step allocates and zeroes nothing per layer (each kernel writes
+/// every element of its output). One set per model; the engine runs one step at a time.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Normalized rows (the input of qkv, then of gate/up).
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    /// Rotated queries and keys, split out of `qkv`.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    attn: Vec<f32>,
+    /// Output projection, then the down projection (each added to the residual stream).
+    o: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// The first `n` values of `buf`, which grows (zero-filled) when it is shorter; the caller
+/// overwrites all of them.
+fn take(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `x += y` for `[rows, width]` rows, on the compute team for a multi-token step.
+fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
+    par_row_runs(x, width, |first, run| {
+        let y = &y[first * width..][..run.len()];
+        run.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+    });
 }
 
 /// Loads GGUF tensors by name onto the CPU (kernels repack them; other devices get a copy).
@@ -223,6 +267,7 @@ impl Llama {
             norm: p.norm,
             lm_head: p.lm_head,
             device: p.device,
+            scratch: Mutex::new(Scratch::default()),
         }
     }
 
@@ -310,18 +355,31 @@ impl Llama {
     /// Splits stacked `[t, q | k | v]` rows into rotated q, rotated k, and v, and writes k and
     /// v into the store.
     fn qkv_to_cache(&self, qkv: &[f32], ctx: LayerCtx<'_, '_>) -> Vec<f32> {
-        let (t, h) = (ctx.batch.num_tokens(), self.cfg.hidden_size);
-        let kvd = self.cfg.kv_dim();
+        let (mut q, mut k) = (Vec::new(), Vec::new());
+        self.qkv_to_cache_into(qkv, ctx, &mut q, &mut k);
+        q
+    }
+
+    /// [`Self::qkv_to_cache`] with the rotated queries left in `q` (and the rotated keys in
+    /// `k`), both buffers reused.
+    fn qkv_to_cache_into(
+        &self,
+        qkv: &[f32],
+        ctx: LayerCtx<'_, '_>,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+    ) {
+        let (h, kvd) = (self.cfg.hidden_size, self.cfg.kv_dim());
         let width = h + 2 * kvd;
-        let mut q = Vec::with_capacity(t * h);
-        let mut k = Vec::with_capacity(t * kvd);
+        q.clear();
+        k.clear();
         for row in qkv.chunks_exact(width) {
             q.extend_from_slice(&row[..h]);
             k.extend_from_slice(&row[h..h + kvd]);
         }
         let hd = self.cfg.head_dim;
-        self.rope.apply(&mut q, &ctx.batch.positions, hd);
-        self.rope.apply(&mut k, &ctx.batch.positions, hd);
+        self.rope.apply(q, &ctx.batch.positions, hd);
+        self.rope.apply(k, &ctx.batch.positions, hd);
         for (i, (&slot, row)) in ctx
             .batch
             .slot_mapping
@@ -333,7 +391,6 @@ impl Llama {
             ctx.kv
                 .write(ctx.layer, slot as usize, &k[i * kvd..(i + 1) * kvd], v);
         }
-        q
     }
 }
 
@@ -353,14 +410,18 @@ impl Llama {
             .index_select(&ids, 0)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        // Buffers are only reused, never read before being written: a poisoned lock (a panic
+        // in an earlier step) leaves nothing to distrust.
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         for (layer, block) in self.blocks.iter().enumerate() {
             let ctx = LayerCtx {
                 batch,
                 kv: &mut *kv,
                 layer,
             };
-            self.block_cpu(block, ctx, &mut x)?;
+            self.block_cpu(block, ctx, &mut x, &mut scratch)?;
         }
+        drop(scratch);
         let (hsz, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps as f32);
         let rows = Self::logit_rows(batch);
         let mut last = Vec::with_capacity(rows.len() * hsz);
@@ -376,36 +437,56 @@ impl Llama {
         )?)
     }
 
-    fn block_cpu(&self, b: &Block, ctx: LayerCtx<'_, '_>, x: &mut [f32]) -> Result<(), ModelError> {
+    fn block_cpu(
+        &self,
+        b: &Block,
+        ctx: LayerCtx<'_, '_>,
+        x: &mut [f32],
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
         let eps = self.cfg.rms_norm_eps as f32;
+        let (hsz, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let t = ctx.batch.num_tokens();
-        let (batch, layer) = (ctx.batch, ctx.layer);
-        let h = b.attn_norm.forward_cpu(x, eps);
-        let qkv = b.qkv.forward_cpu(&h, t)?;
-        let q = self.qkv_to_cache(
-            &qkv,
-            LayerCtx {
-                batch,
-                kv: &mut *ctx.kv,
-                layer,
-            },
-        );
-        let attn = paged_attention(&q, batch, &*ctx.kv, layer, self.heads());
-        let o = b.wo.forward_cpu(&attn, t)?;
-        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-        let h = b.ffn_norm.forward_cpu(x, eps);
-        let gu = b.gate_up.forward_cpu(&h, t)?;
-        let ff = self.cfg.intermediate_size;
-        let mut act = vec![0f32; t * ff];
+        let LayerCtx { batch, kv, layer } = ctx;
+        let Scratch {
+            h,
+            qkv,
+            q,
+            k,
+            attn,
+            o,
+            gate_up,
+            act,
+        } = s;
+        let h = take(h, x.len());
+        b.attn_norm.forward_cpu_into(x, eps, h);
+        let qkv = take(qkv, t * b.qkv.n_out());
+        b.qkv.forward_cpu_into(h, t, qkv)?;
+        let ctx = LayerCtx {
+            batch,
+            kv: &mut *kv,
+            layer,
+        };
+        self.qkv_to_cache_into(qkv, ctx, q, k);
+        let attn = take(attn, q.len());
+        paged_attention_into(q, batch, kv, layer, self.heads(), attn);
+        let proj = take(o, t * b.wo.n_out());
+        b.wo.forward_cpu_into(attn, t, proj)?;
+        add_rows(x, proj, hsz);
+        b.ffn_norm.forward_cpu_into(x, eps, h);
+        let gu = take(gate_up, t * b.gate_up.n_out());
+        b.gate_up.forward_cpu_into(h, t, gu)?;
+        let act = take(act, t * ff);
         let isa = Isa::detect();
-        par_row_runs(&mut act, ff, |first, run| {
+        par_row_runs(act, ff, |first, run| {
             let rows = gu[first * 2 * ff..].chunks_exact(2 * ff);
             for (row, out) in rows.zip(run.chunks_exact_mut(ff)) {
                 vec::swiglu(isa, &row[..ff], &row[ff..], out);
             }
         });
-        let d = b.down.forward_cpu(&act, t)?;
-        x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        let d = take(o, t * b.down.n_out());
+        b.down.forward_cpu_into(act, t, d)?;
+        add_rows(x, d, hsz);
         Ok(())
     }
 }
