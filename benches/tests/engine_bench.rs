@@ -119,8 +119,26 @@ fn quick_run_reports_every_measurement_with_exact_token_counts() -> Result<()> {
     }
     ensure!(report.candle.decode.tok_s.min > 0.0 && report.ratios.decode > 0.0);
 
+    // Every weight byte of the file is tensor data but for the header, vocabulary and chat
+    // template (a few MB for the default model).
+    let file_bytes = std::fs::metadata(&config.model)?.len();
+    let weights = report.run.weight_bytes;
+    ensure!(
+        weights <= file_bytes && weights + 16_000_000 > file_bytes,
+        "weight bytes {weights} of a {file_bytes}-byte file"
+    );
+    for b in &report.run.memory_read {
+        ensure!(b.gb_s > 0.0 && b.bytes >= 64 << 20, "memory probe {b:?}");
+    }
+    let roofline = report.ratios.decode_roofline_tok_s;
+    ensure!(
+        roofline > 0.0 && report.ratios.decode_of_roofline == d.tok_s.mean / roofline,
+        "decode roofline {roofline}"
+    );
+
     let md = report.to_markdown();
     ensure!(md.contains("| S6 |") && md.contains("reference, measured separately"));
+    ensure!(md.contains("Decode roofline") && md.contains("memory read bandwidth"));
     let json = serde_json::to_value(&report)?;
     ensure!(
         json["reference"]["prompt_tok_s"] == 1650.0,

@@ -16,6 +16,9 @@
 //!   (`ignore_eos`, fixed output length); the tokens of the steps that ran after the last
 //!   sequence got its first token, over the time from then to the last token (the decode phase
 //!   only, like llama.cpp's `batched-bench` S_TG), plus end-to-end output tok/s;
+//! - the **decode roofline**: memory read bandwidth probed before and after the run
+//!   ([`memory`]) over the weight bytes one decode step reads, and Orchard's decode as a
+//!   fraction of it;
 //! - the **seed scenarios S1-S6** ([`crate::scenarios::SEED_SCENARIOS`]) one request at a
 //!   time, with TTFT and decode tok/s from the engine's per-request timings.
 //!
@@ -30,6 +33,7 @@
 //! llama.cpp reference figures (given by the task, never measured here).
 
 pub mod baseline;
+pub mod memory;
 pub mod ours;
 pub mod report;
 pub mod workload;
@@ -82,6 +86,14 @@ pub enum EngineBenchError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// The model file is not a GGUF file candle can read.
+    #[error("reading the GGUF tensor table of {}: {source}", path.display())]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// candle's error.
+        source: candle_core::Error,
     },
     /// The tokenizer produced fewer tokens than a prompt needs.
     #[error("prompt text encodes to {got} tokens, {wanted} needed")]
@@ -173,22 +185,31 @@ impl EngineBenchConfig {
 pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchError> {
     config.check()?;
     let load_before = load_average();
+    let weight_bytes = memory::weight_bytes(&config.model)?;
+    // The engine's thread count reads memory in the probe too.
+    let threads = config
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let probe_bytes = if config.sizes.quick {
+        64 << 20
+    } else {
+        256 << 20
+    };
+    let memory_before = memory::read_bandwidth(threads, probe_bytes);
     let progress = progress_bar(config);
     let worker_cfg = config.worker_config();
     progress.set_message("loading the model (orchard)");
     let mut engine = ours::Engine::load(&worker_cfg)?;
     // One prompt maker for both sides: the same tokenizer, and a fresh text for every request.
     let mut prompts = workload::PromptMaker::new(engine.frontend());
-    // The engine's compute team has `model.threads` threads, all cores when unset.
-    let threads = config
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let measured = ours::measure(&mut engine, &mut prompts, config, &progress)?;
     let engine_settings = report::EngineSettings::of(&worker_cfg);
     drop(engine);
     progress.set_message("loading the model (candle baseline)");
     let mut candle = baseline::Baseline::load(&config.model)?;
     let base = baseline::measure(&mut candle, &mut prompts, config, &progress)?;
+    drop(candle);
+    let memory_after = memory::read_bandwidth(threads, probe_bytes);
     progress.finish_and_clear();
     Ok(EngineBenchReport::new(
         report::RunInfo {
@@ -204,6 +225,8 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchE
             }
             .into(),
             load_average: [load_before, load_average()],
+            memory_read: [memory_before, memory_after],
+            weight_bytes,
             engine: engine_settings,
         },
         measured,

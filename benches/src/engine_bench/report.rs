@@ -9,6 +9,7 @@ use orchard_common::config::WorkerConfig;
 use orchard_worker::engine::api::Finished;
 use serde::Serialize;
 
+use super::memory::{decode_roofline, Bandwidth};
 use super::workload::Shape;
 use super::EngineBenchError;
 
@@ -165,12 +166,17 @@ pub struct CandleResults {
     pub decode: CandleDecode,
 }
 
-/// Orchard / candle, from the means.
+/// Orchard / candle, from the means, and Orchard's decode against the memory roofline.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ratios {
     /// (prompt tokens, ratio) per prefill length.
     pub prefill: Vec<(usize, f64)>,
     pub decode: f64,
+    /// The single-stream decode ceiling at the mean of the two bandwidth probes: tok/s if a
+    /// step only read the weights.
+    pub decode_roofline_tok_s: f64,
+    /// Orchard's single-stream decode / that ceiling.
+    pub decode_of_roofline: f64,
 }
 
 /// The engine settings the run used (defaults except the prefix cache and the KV pool).
@@ -210,6 +216,10 @@ pub struct RunInfo {
     pub profile: String,
     /// Load averages (1, 5, 15 min) before and after the run, where the OS reports them.
     pub load_average: [Option<[f64; 3]>; 2],
+    /// Memory read bandwidth measured just before and just after the run.
+    pub memory_read: [Bandwidth; 2],
+    /// Bytes of weights in the model file: what each decode step reads.
+    pub weight_bytes: u64,
     pub engine: EngineSettings,
 }
 
@@ -233,11 +243,19 @@ impl EngineBenchReport {
             .map(|(o, c)| (o.prompt_tokens, ratio(o.tok_s.mean, c.tok_s.mean)))
             .collect();
         let decode = ratio(orchard.decode.tok_s.mean, candle.decode.tok_s.mean);
+        let gb_s = (run.memory_read[0].gb_s + run.memory_read[1].gb_s) / 2.0;
+        let decode_roofline_tok_s = decode_roofline(gb_s, run.weight_bytes);
+        let decode_of_roofline = ratio(orchard.decode.tok_s.mean, decode_roofline_tok_s);
         Self {
             run,
             orchard,
             candle,
-            ratios: Ratios { prefill, decode },
+            ratios: Ratios {
+                prefill,
+                decode,
+                decode_roofline_tok_s,
+                decode_of_roofline,
+            },
             reference: LLAMA_CPP_REFERENCE,
         }
     }
@@ -268,7 +286,8 @@ impl EngineBenchReport {
             md,
             "Model `{}`, {} threads, {} build, {} measured run(s) after {} warm-up(s){}; \
              prefix cache off, block size {}, step budget {} tokens; 1-minute load average \
-             {} before, {} after.\n",
+             {} before, {} after; memory read bandwidth {:.1} GB/s before, {:.1} after \
+             ({} threads over {} MiB).\n",
             r.model,
             r.threads,
             r.profile,
@@ -279,6 +298,10 @@ impl EngineBenchReport {
             r.engine.max_num_batched_tokens,
             load(r.load_average[0]),
             load(r.load_average[1]),
+            r.memory_read[0].gb_s,
+            r.memory_read[1].gb_s,
+            r.memory_read[0].threads,
+            r.memory_read[0].bytes >> 20,
         );
     }
 
@@ -318,6 +341,16 @@ impl EngineBenchReport {
             }
             .write(md);
         }
+        let _ = writeln!(
+            md,
+            "\nDecode roofline: {:.1} MB of weights read per token at {:.1} GB/s (the mean of \
+             the two probes) allow at most {:.1} tok/s; Orchard's single-stream decode is \
+             {:.0}% of it.",
+            self.run.weight_bytes as f64 / 1e6,
+            (self.run.memory_read[0].gb_s + self.run.memory_read[1].gb_s) / 2.0,
+            self.ratios.decode_roofline_tok_s,
+            self.ratios.decode_of_roofline * 100.0,
+        );
         let _ = writeln!(
             md,
             "\n† {}: prompt {} tok/s, decode {} tok/s, 16-stream aggregate {} tok/s. \
@@ -435,6 +468,12 @@ mod tests {
             quick: false,
             profile: "release".into(),
             load_average: [Some([1.0, 1.0, 1.0]), None],
+            memory_read: [20.0, 30.0].map(|gb_s| Bandwidth {
+                gb_s,
+                threads: 2,
+                bytes: 256 << 20,
+            }),
+            weight_bytes: 100_000_000,
             engine: EngineSettings::of(&WorkerConfig::default()),
         };
         EngineBenchReport::new(run, orchard, candle)
@@ -445,6 +484,25 @@ mod tests {
         let report = fixture();
         assert_eq!(report.ratios.prefill, vec![(128, 2.0)]);
         assert_eq!(report.ratios.decode, 0.5);
+    }
+
+    #[test]
+    fn decode_is_set_against_the_memory_roofline() {
+        let report = fixture();
+        // 100 MB per token at (20 + 30) / 2 GB/s.
+        assert_eq!(report.ratios.decode_roofline_tok_s, 250.0);
+        let decode = report.orchard.decode.tok_s.mean;
+        assert_eq!(report.ratios.decode_of_roofline, decode / 250.0);
+        let md = report.to_markdown();
+        assert!(
+            md.contains("memory read bandwidth 20.0 GB/s before, 30.0 after"),
+            "{md}"
+        );
+        assert!(
+            md.contains("100.0 MB of weights read per token at 25.0 GB/s"),
+            "{md}"
+        );
+        assert!(md.contains("at most 250.0 tok/s"), "{md}");
     }
 
     #[test]
