@@ -421,7 +421,13 @@ mod avx2 {
         let (qp, base) = (q.as_ptr(), keys.data.as_ptr().add(keys.offset));
         let mut j = 0;
         while j + 8 <= keys.n {
-            let acc = key_dots::<8>(qp, d, base.add(j * keys.stride), keys.stride);
+            let kp = base.add(j * keys.stride);
+            // The common head widths with a constant trip count (no loop overhead per FMA).
+            let acc = match d {
+                64 => key_dots::<8>(qp, 64, kp, keys.stride),
+                128 => key_dots::<8>(qp, 128, kp, keys.stride),
+                _ => key_dots::<8>(qp, d, kp, keys.stride),
+            };
             let s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
             _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
             j += 8;
