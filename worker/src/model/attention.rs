@@ -167,35 +167,48 @@ fn attend_heads(
     let g = heads_range.start / heads.group();
     let bs = kv.config().block_size;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut probs = vec![0f32; heads_range.len() * ctx];
     out.fill(0.0);
     let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
-    let blocks = context_blocks(token.table, ctx, bs);
+    let blocks = || context_blocks(token.table, ctx, bs);
     let rows = |data, n| vec::HeadRows {
         data,
         stride: heads.num_kv_heads * d,
         offset: g * d,
         n,
     };
-    for &(block, first, n) in &blocks {
-        let (keys, _) = kv.rows(layer, block * bs, n);
-        for (p, q) in probs.chunks_exact_mut(ctx).zip(qs.chunks_exact(d)) {
-            vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
+    PROBS.with_borrow_mut(|probs| {
+        // Every position `0..ctx` of every head gets its score below, so a reused buffer needs
+        // no clearing.
+        if probs.len() < heads_range.len() * ctx {
+            probs.resize(heads_range.len() * ctx, 0.0);
         }
-    }
-    for p in probs.chunks_exact_mut(ctx) {
-        vec::softmax(isa, p);
-    }
-    for &(block, first, n) in &blocks {
-        let (_, values) = kv.rows(layer, block * bs, n);
-        for (p, acc) in probs.chunks_exact(ctx).zip(out.chunks_exact_mut(d)) {
-            if ctx == 2 && n == 2 {
-                vec::weighted_pair(acc, [p[0], p[1]], rows(values, n));
-            } else {
-                vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
+        let probs = &mut probs[..heads_range.len() * ctx];
+        for (block, first, n) in blocks() {
+            let (keys, _) = kv.rows(layer, block * bs, n);
+            for (p, q) in probs.chunks_exact_mut(ctx).zip(qs.chunks_exact(d)) {
+                vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
             }
         }
-    }
+        for p in probs.chunks_exact_mut(ctx) {
+            vec::softmax(isa, p);
+        }
+        for (block, first, n) in blocks() {
+            let (_, values) = kv.rows(layer, block * bs, n);
+            for (p, acc) in probs.chunks_exact(ctx).zip(out.chunks_exact_mut(d)) {
+                if ctx == 2 && n == 2 {
+                    vec::weighted_pair(acc, [p[0], p[1]], rows(values, n));
+                } else {
+                    vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
+                }
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// [`attend_heads`]' score rows, reused by every call on this thread (a prefill makes one
+    /// call per token and KV head).
+    static PROBS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Value columns per weighted-sum task of [`attend_split`] for head dimension `d`, if any
@@ -205,14 +218,17 @@ fn split_columns(d: usize) -> Option<usize> {
 }
 
 /// The KV blocks holding a token's positions `0..ctx`: (block id, first position, rows).
-fn context_blocks(table: &[u32], ctx: usize, bs: usize) -> Vec<(usize, usize, usize)> {
+fn context_blocks(
+    table: &[u32],
+    ctx: usize,
+    bs: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     table
         .iter()
         .enumerate()
-        .map(|(bi, &block)| (block as usize, bi * bs))
-        .take_while(|&(_, first)| first < ctx)
-        .map(|(block, first)| (block, first, bs.min(ctx - first)))
-        .collect()
+        .map(move |(bi, &block)| (block as usize, bi * bs))
+        .take_while(move |&(_, first)| first < ctx)
+        .map(move |(block, first)| (block, first, bs.min(ctx - first)))
 }
 
 /// One token's attention, all heads, spread over the compute team in three phases so that each
@@ -234,7 +250,7 @@ fn attend_split(
     let (d, ctx, nh, group) = (heads.head_dim, token.ctx, heads.num_heads, heads.group());
     let bs = kv.config().block_size;
     let scale = 1.0 / (d as f32).sqrt();
-    let blocks = context_blocks(token.table, ctx, bs);
+    let blocks: Vec<_> = context_blocks(token.table, ctx, bs).collect();
     let rows = |data, g: usize, col: usize, n| vec::HeadRows {
         data,
         stride: heads.num_kv_heads * d,
