@@ -34,6 +34,10 @@ impl HeadLayout {
 /// head) at a time, so the query heads of a GQA group share their K/V block visits.
 const PARALLEL_MIN_TOKENS: usize = 4;
 
+/// Consecutive tokens of one sequence that a prefill task attends together: each K/V block is
+/// brought into cache once for all of them (a long prompt's K/V does not fit in L2).
+const QUERY_TILE: usize = 4;
+
 /// A step with fewer tokens (decode) spreads a token's attention over the compute team (see
 /// [`attend_split`]) once the token covers this many (head, position) pairs; below it, the
 /// team's hand-offs cost more than the work.
@@ -76,22 +80,41 @@ pub fn paged_attention_into(
     let isa = Isa::detect();
     let tokens = owners.len().min(q.len() / width.max(1));
     let query = |t: usize| token_query(t, q, width, &owners, batch);
-    // Heads `first..` of token `t` into `o` (those heads' slices of its output row).
-    let unit = |t: usize, first: usize, o: &mut [f32]| {
-        if let Some(token) = query(t) {
-            attend_heads(&token, first..first + o.len() / d, o, kv, layer, heads, isa);
+    // Heads `first..` of tokens `ts` into `outs` (those heads' slices of each token's row).
+    let unit = |ts: std::ops::Range<usize>, first: usize, outs: Vec<&mut [f32]>| {
+        let mut tile = Vec::with_capacity(outs.len());
+        for (t, o) in ts.zip(outs) {
+            match query(t) {
+                Some(token) => tile.push((token, o)),
+                None => o.fill(0.0),
+            }
         }
-    };
-    // The query heads of KV head `u % num_kv_heads` of token `u / num_kv_heads`.
-    let group_unit = |u: usize, o: &mut [f32]| {
-        let kvh = heads.num_kv_heads;
-        unit(u / kvh, (u % kvh) * heads.group(), o);
+        let n = tile.first().map_or(0, |(_, o)| o.len() / d);
+        attend_heads(&mut tile, first..first + n, kv, layer, heads, isa);
     };
     let (out_rows, rest) = out.split_at_mut(tokens * width);
     rest.fill(0.0);
     let group_width = heads.group() * d;
     if tokens >= PARALLEL_MIN_TOKENS {
-        team::for_each_chunk_mut(out_rows, group_width, group_unit);
+        // One task per (tile of consecutive tokens of one sequence, KV head).
+        let tiles = query_tiles(&owners[..tokens]);
+        let kvh = heads.num_kv_heads;
+        let mut units: Vec<Vec<&mut [f32]>> = (0..tiles.len() * kvh)
+            .map(|_| Vec::with_capacity(QUERY_TILE))
+            .collect();
+        let mut tile = 0;
+        for (t, row) in out_rows.chunks_mut(width).enumerate() {
+            if tiles[tile].end <= t {
+                tile += 1;
+            }
+            for (g, piece) in row.chunks_mut(group_width).enumerate() {
+                units[tile * kvh + g].push(piece);
+            }
+        }
+        team::for_each_mut(&mut units, |u, outs| {
+            let (k, g) = (u / kvh, u % kvh);
+            unit(tiles[k].clone(), g * heads.group(), std::mem::take(outs));
+        });
         return;
     }
     for (t, o) in out_rows.chunks_mut(width).enumerate() {
@@ -103,7 +126,7 @@ pub fn paged_attention_into(
             }
             _ => {
                 for (g, og) in o.chunks_mut(group_width).enumerate() {
-                    unit(t, g * heads.group(), og);
+                    unit(t..t + 1, g * heads.group(), vec![og]);
                 }
             }
         }
@@ -138,6 +161,19 @@ fn token_owners(batch: &StepBatch) -> Vec<usize> {
     owners
 }
 
+/// Runs of at most [`QUERY_TILE`] consecutive tokens with the same owner sequence, covering
+/// `0..owners.len()` in order.
+fn query_tiles(owners: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut tiles: Vec<std::ops::Range<usize>> = Vec::new();
+    for (t, &s) in owners.iter().enumerate() {
+        match tiles.last_mut() {
+            Some(r) if owners[r.start] == s && r.len() < QUERY_TILE => r.end = t + 1,
+            _ => tiles.push(t..t + 1),
+        }
+    }
+    tiles
+}
+
 /// One query token: its rotated query row, its sequence's block table, and how many positions
 /// (its own included) it may attend to.
 struct TokenQuery<'a> {
@@ -146,59 +182,80 @@ struct TokenQuery<'a> {
     ctx: usize,
 }
 
-/// Query heads `heads_range` of one token (all in one KV head's group), into `out` (those
-/// heads' `head_dim`-wide slices, in order): scores against the token's first `ctx` positions
-/// block by block, a softmax per head, then the weighted sum of the value rows block by block.
+/// Query heads `heads_range` (all in one KV head's group) of each token of `tile` (tokens of one
+/// sequence), into that token's output slice (those heads' `head_dim`-wide slices, in order):
+/// scores against the token's first `ctx` positions block by block, a softmax per head, then
+/// the weighted sum of the value rows block by block. The tokens walk the blocks together, so
+/// each K/V block is fetched into cache once for the whole tile.
 ///
 /// Two passes rather than an online softmax, so that each step is the operation candle's
 /// reference runs (`q k^T`, `softmax_last_dim`, `p V`) in the same floating-point order (see
 /// `kernels::vec`): the model's attention then gives candle's bits, however the heads and
-/// tokens are spread over threads. Scores live in a buffer of `heads * ctx` floats.
+/// tokens are spread over threads and tiles. Scores live in a per-thread buffer of
+/// `tokens * heads * ctx` floats.
 fn attend_heads(
-    token: &TokenQuery<'_>,
+    tile: &mut [(TokenQuery<'_>, &mut [f32])],
     heads_range: std::ops::Range<usize>,
-    out: &mut [f32],
     kv: &KvStore,
     layer: usize,
     heads: HeadLayout,
     isa: Isa,
 ) {
-    let (d, ctx) = (heads.head_dim, token.ctx);
+    let Some(first_token) = tile.first() else {
+        return;
+    };
+    let (d, nh) = (heads.head_dim, heads_range.len());
+    let table = first_token.0.table;
+    let span = tile.iter().map(|(t, _)| t.ctx).max().unwrap_or(0);
     let g = heads_range.start / heads.group();
     let bs = kv.config().block_size;
     let scale = 1.0 / (d as f32).sqrt();
-    out.fill(0.0);
-    let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
-    let blocks = || context_blocks(token.table, ctx, bs);
     let rows = |data, n| vec::HeadRows {
         data,
         stride: heads.num_kv_heads * d,
         offset: g * d,
         n,
     };
+    for (_, out) in tile.iter_mut() {
+        out.fill(0.0);
+    }
     PROBS.with_borrow_mut(|probs| {
-        // Every position `0..ctx` of every head gets its score below, so a reused buffer needs
-        // no clearing.
-        if probs.len() < heads_range.len() * ctx {
-            probs.resize(heads_range.len() * ctx, 0.0);
+        // Token `i`'s head `h` scores its first `ctx` positions in row `i * nh + h` (`span`
+        // wide); every one of them is written below, so a reused buffer needs no clearing.
+        if probs.len() < tile.len() * nh * span {
+            probs.resize(tile.len() * nh * span, 0.0);
         }
-        let probs = &mut probs[..heads_range.len() * ctx];
-        for (block, first, n) in blocks() {
+        let probs = &mut probs[..tile.len() * nh * span];
+        for (block, first, n) in context_blocks(table, span, bs) {
             let (keys, _) = kv.rows(layer, block * bs, n);
-            for (p, q) in probs.chunks_exact_mut(ctx).zip(qs.chunks_exact(d)) {
-                vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
+            for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
+                let Some(n) = token.ctx.checked_sub(first).map(|left| left.min(n)) else {
+                    continue;
+                };
+                let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
+                for (p, q) in p.chunks_exact_mut(span).zip(qs.chunks_exact(d)) {
+                    vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
+                }
             }
         }
-        for p in probs.chunks_exact_mut(ctx) {
-            vec::softmax(isa, p);
+        for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
+            for p in p.chunks_exact_mut(span) {
+                vec::softmax(isa, &mut p[..token.ctx]);
+            }
         }
-        for (block, first, n) in blocks() {
+        for (block, first, n) in context_blocks(table, span, bs) {
             let (_, values) = kv.rows(layer, block * bs, n);
-            for (p, acc) in probs.chunks_exact(ctx).zip(out.chunks_exact_mut(d)) {
-                if ctx == 2 && n == 2 {
-                    vec::weighted_pair(acc, [p[0], p[1]], rows(values, n));
-                } else {
-                    vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
+            for ((token, out), p) in tile.iter_mut().zip(probs.chunks_exact(nh * span)) {
+                let ctx = token.ctx;
+                let Some(n) = ctx.checked_sub(first).map(|left| left.min(n)) else {
+                    continue;
+                };
+                for (p, acc) in p.chunks_exact(span).zip(out.chunks_exact_mut(d)) {
+                    if ctx == 2 && n == 2 {
+                        vec::weighted_pair(acc, [p[0], p[1]], rows(values, n));
+                    } else {
+                        vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
+                    }
                 }
             }
         }

@@ -195,3 +195,40 @@ fn chunked_prefill_equals_whole_prefill() -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_prefill_token_gets_the_bits_it_gets_alone() -> candle_core::Result<()> {
+    // A 21-token prefill runs in tiles of `QUERY_TILE` tokens; each token alone (one-token
+    // step on top of its cached prefix, same K/V) must give the same bits.
+    let table = vec![7, 2, 11, 5, 0, 9];
+    let total = 21usize;
+    let whole = [Seq {
+        table: table.clone(),
+        cached: 0,
+        new: total,
+    }];
+    let (kv, batch) = setup(&whole, &mut Lcg(5));
+    let width = HEADS.num_heads * HEADS.head_dim;
+    let q = Lcg(77).vec(total * width);
+    let all = paged_attention(&q, &batch, &kv, 1, HEADS);
+    for t in [0usize, 3, 4, 13, 20] {
+        let one = [Seq {
+            table: table.clone(),
+            cached: t,
+            new: 1,
+        }];
+        let (kv1, batch1) = setup(&one, &mut Lcg(5));
+        let alone = paged_attention(&q[t * width..(t + 1) * width], &batch1, &kv1, 1, HEADS);
+        assert_eq!(alone, &all[t * width..(t + 1) * width], "token {t}");
+    }
+    Ok(())
+}
+
+#[test]
+fn query_tiles_split_runs_of_one_sequence() {
+    assert_eq!(
+        query_tiles(&[0, 0, 0, 0, 0, 1, 1, 2]),
+        vec![0..4, 4..5, 5..7, 7..8]
+    );
+    assert!(query_tiles(&[]).is_empty());
+}
