@@ -34,6 +34,17 @@ struct Seq {
     new: usize,
 }
 
+/// [`setup`] for one sequence on `table` with `cached` positions cached and `new` in the step,
+/// K/V drawn from seed `seed`.
+fn one_seq(table: &[u32], cached: usize, new: usize, seed: u64) -> (KvStore, StepBatch) {
+    let seq = Seq {
+        table: table.to_vec(),
+        cached,
+        new,
+    };
+    setup(&[seq], &mut Lcg(seed))
+}
+
 /// Fills the store with random K/V for every position of every sequence and builds the step.
 fn setup(seqs: &[Seq], rng: &mut Lcg) -> (KvStore, StepBatch) {
     let kv_dim = HEADS.num_kv_heads * HEADS.head_dim;
@@ -164,22 +175,12 @@ fn decode_tokens_equal_candle_ops_bit_for_bit() -> candle_core::Result<()> {
 fn chunked_prefill_equals_whole_prefill() -> candle_core::Result<()> {
     let table = vec![7, 2, 11, 5, 0, 9];
     let (total, split) = (21usize, 12usize);
-    let whole = [Seq {
-        table: table.clone(),
-        cached: 0,
-        new: total,
-    }];
-    let (kv, batch) = setup(&whole, &mut Lcg(3));
+    let (kv, batch) = one_seq(&table, 0, total, 3);
     let width = HEADS.num_heads * HEADS.head_dim;
     let q = Lcg(99).vec(total * width);
     let all = paged_attention(&q, &batch, &kv, 1, HEADS);
     // Same K/V (same seed), second chunk only: tokens split..total on top of `split` cached.
-    let chunk = [Seq {
-        table,
-        cached: split,
-        new: total - split,
-    }];
-    let (kv2, batch2) = setup(&chunk, &mut Lcg(3));
+    let (kv2, batch2) = one_seq(&table, split, total - split, 3);
     let tail = paged_attention(&q[split * width..], &batch2, &kv2, 1, HEADS);
     assert_eq!(max_abs_diff(&tail, &all[split * width..]), 0.0);
     // And a token that sees only itself returns its own V row exactly.
@@ -202,22 +203,12 @@ fn a_prefill_token_gets_the_bits_it_gets_alone() -> candle_core::Result<()> {
     // step on top of its cached prefix, same K/V) must give the same bits.
     let table = vec![7, 2, 11, 5, 0, 9];
     let total = 21usize;
-    let whole = [Seq {
-        table: table.clone(),
-        cached: 0,
-        new: total,
-    }];
-    let (kv, batch) = setup(&whole, &mut Lcg(5));
+    let (kv, batch) = one_seq(&table, 0, total, 5);
     let width = HEADS.num_heads * HEADS.head_dim;
     let q = Lcg(77).vec(total * width);
     let all = paged_attention(&q, &batch, &kv, 1, HEADS);
     for t in [0usize, 3, 4, 13, 20] {
-        let one = [Seq {
-            table: table.clone(),
-            cached: t,
-            new: 1,
-        }];
-        let (kv1, batch1) = setup(&one, &mut Lcg(5));
+        let (kv1, batch1) = one_seq(&table, t, 1, 5);
         let alone = paged_attention(&q[t * width..(t + 1) * width], &batch1, &kv1, 1, HEADS);
         assert_eq!(alone, &all[t * width..(t + 1) * width], "token {t}");
     }
