@@ -121,6 +121,15 @@ where
     });
 }
 
+/// The first `n` values of a reusable buffer, which grows (zero-filled) when it is shorter;
+/// callers overwrite all of them, so a reused buffer needs no clearing.
+pub(crate) fn buffer_prefix(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
 /// Activation rows from which per-row work (quantization, norms, RoPE, SwiGLU) runs on the
 /// compute team; a decode step's few rows are not worth a hand-off.
 pub(crate) const PARALLEL_MIN_ROWS: usize = 4;

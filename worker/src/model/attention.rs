@@ -12,7 +12,7 @@
 
 use super::kv_store::KvStore;
 use crate::engine::batch::StepBatch;
-use crate::kernels::{team, vec, Isa};
+use crate::kernels::{buffer_prefix, team, vec, Isa};
 use candle_core::{Device, Tensor};
 
 /// Head layout of one attention call.
@@ -80,17 +80,10 @@ pub fn paged_attention_into(
     let isa = Isa::detect();
     let tokens = owners.len().min(q.len() / width.max(1));
     let query = |t: usize| token_query(t, q, width, &owners, batch);
-    // Heads `first..` of tokens `ts` into `outs` (those heads' slices of each token's row).
-    let unit = |ts: std::ops::Range<usize>, first: usize, outs: Vec<&mut [f32]>| {
-        let mut tile = Vec::with_capacity(outs.len());
-        for (t, o) in ts.zip(outs) {
-            match query(t) {
-                Some(token) => tile.push((token, o)),
-                None => o.fill(0.0),
-            }
-        }
-        let n = tile.first().map_or(0, |(_, o)| o.len() / d);
-        attend_heads(&mut tile, first..first + n, kv, layer, heads, isa);
+    // The query heads of KV head `g` for the tokens of `tile`, into their output slices.
+    let attend_group = |tile: &mut [(TokenQuery<'_>, &mut [f32])], g: usize| {
+        let first = g * heads.group();
+        attend_heads(tile, first..first + heads.group(), kv, layer, heads, isa);
     };
     let (out_rows, rest) = out.split_at_mut(tokens * width);
     rest.fill(0.0);
@@ -113,20 +106,29 @@ pub fn paged_attention_into(
         }
         team::for_each_mut(&mut units, |u, outs| {
             let (k, g) = (u / kvh, u % kvh);
-            unit(tiles[k].clone(), g * heads.group(), std::mem::take(outs));
+            let mut tile = Vec::with_capacity(outs.len());
+            for (t, o) in tiles[k].clone().zip(outs.drain(..)) {
+                match query(t) {
+                    Some(token) => tile.push((token, o)),
+                    None => o.fill(0.0),
+                }
+            }
+            attend_group(&mut tile, g);
         });
         return;
     }
     for (t, o) in out_rows.chunks_mut(width).enumerate() {
-        match (query(t), split_columns(d)) {
-            (Some(token), Some(cols))
-                if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS =>
-            {
+        let Some(token) = query(t) else {
+            o.fill(0.0);
+            continue;
+        };
+        match split_columns(d) {
+            Some(cols) if token.ctx * heads.num_heads >= PARALLEL_MIN_HEAD_POSITIONS => {
                 attend_split(&token, o, kv, layer, (heads, cols), isa)
             }
             _ => {
                 for (g, og) in o.chunks_mut(group_width).enumerate() {
-                    unit(t..t + 1, g * heads.group(), vec![og]);
+                    attend_group(&mut [(token, og)], g);
                 }
             }
         }
@@ -176,6 +178,7 @@ fn query_tiles(owners: &[usize]) -> Vec<std::ops::Range<usize>> {
 
 /// One query token: its rotated query row, its sequence's block table, and how many positions
 /// (its own included) it may attend to.
+#[derive(Clone, Copy)]
 struct TokenQuery<'a> {
     q_row: &'a [f32],
     table: &'a [u32],
@@ -219,17 +222,16 @@ fn attend_heads(
     for (_, out) in tile.iter_mut() {
         out.fill(0.0);
     }
+    // Of a block's `n` rows from position `first`, those a token with context `ctx` sees.
+    let seen = |ctx: usize, first: usize, n: usize| (first < ctx).then(|| n.min(ctx - first));
     PROBS.with_borrow_mut(|probs| {
         // Token `i`'s head `h` scores its first `ctx` positions in row `i * nh + h` (`span`
-        // wide); every one of them is written below, so a reused buffer needs no clearing.
-        if probs.len() < tile.len() * nh * span {
-            probs.resize(tile.len() * nh * span, 0.0);
-        }
-        let probs = &mut probs[..tile.len() * nh * span];
+        // wide); every one of them is written below.
+        let probs = buffer_prefix(probs, tile.len() * nh * span);
         for (block, first, n) in context_blocks(table, span, bs) {
             let (keys, _) = kv.rows(layer, block * bs, n);
             for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
-                let Some(n) = token.ctx.checked_sub(first).map(|left| left.min(n)) else {
+                let Some(n) = seen(token.ctx, first, n) else {
                     continue;
                 };
                 let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
@@ -247,7 +249,7 @@ fn attend_heads(
             let (_, values) = kv.rows(layer, block * bs, n);
             for ((token, out), p) in tile.iter_mut().zip(probs.chunks_exact(nh * span)) {
                 let ctx = token.ctx;
-                let Some(n) = ctx.checked_sub(first).map(|left| left.min(n)) else {
+                let Some(n) = seen(ctx, first, n) else {
                     continue;
                 };
                 for (p, acc) in p.chunks_exact(span).zip(out.chunks_exact_mut(d)) {

@@ -19,7 +19,7 @@ use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
-use crate::kernels::{par_row_runs, vec, Isa};
+use crate::kernels::{buffer_prefix, par_row_runs, vec, Isa};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
 /// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
@@ -174,15 +174,6 @@ struct Scratch {
     o: Vec<f32>,
     gate_up: Vec<f32>,
     act: Vec<f32>,
-}
-
-/// The first `n` values of `buf`, which grows (zero-filled) when it is shorter; the caller
-/// overwrites all of them.
-fn take(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-    &mut buf[..n]
 }
 
 /// `x += y` for `[rows, width]` rows, on the compute team for a multi-token step.
@@ -458,9 +449,9 @@ impl Llama {
             gate_up,
             act,
         } = s;
-        let h = take(h, x.len());
+        let h = buffer_prefix(h, x.len());
         b.attn_norm.forward_cpu_into(x, eps, h);
-        let qkv = take(qkv, t * b.qkv.n_out());
+        let qkv = buffer_prefix(qkv, t * b.qkv.n_out());
         b.qkv.forward_cpu_into(h, t, qkv)?;
         let ctx = LayerCtx {
             batch,
@@ -468,15 +459,15 @@ impl Llama {
             layer,
         };
         self.qkv_to_cache_into(qkv, ctx, q, k);
-        let attn = take(attn, q.len());
+        let attn = buffer_prefix(attn, q.len());
         paged_attention_into(q, batch, kv, layer, self.heads(), attn);
-        let proj = take(o, t * b.wo.n_out());
+        let proj = buffer_prefix(o, t * b.wo.n_out());
         b.wo.forward_cpu_into(attn, t, proj)?;
         add_rows(x, proj, hsz);
         b.ffn_norm.forward_cpu_into(x, eps, h);
-        let gu = take(gate_up, t * b.gate_up.n_out());
+        let gu = buffer_prefix(gate_up, t * b.gate_up.n_out());
         b.gate_up.forward_cpu_into(h, t, gu)?;
-        let act = take(act, t * ff);
+        let act = buffer_prefix(act, t * ff);
         let isa = Isa::detect();
         par_row_runs(act, ff, |first, run| {
             let rows = gu[first * 2 * ff..].chunks_exact(2 * ff);
@@ -484,7 +475,7 @@ impl Llama {
                 vec::swiglu(isa, &row[..ff], &row[ff..], out);
             }
         });
-        let d = take(o, t * b.down.n_out());
+        let d = buffer_prefix(o, t * b.down.n_out());
         b.down.forward_cpu_into(act, t, d)?;
         add_rows(x, d, hsz);
         Ok(())
