@@ -223,6 +223,13 @@ pub struct RunInfo {
     pub engine: EngineSettings,
 }
 
+impl RunInfo {
+    /// The mean of the bandwidth probes before and after the run, GB/s.
+    pub fn mean_read_gb_s(&self) -> f64 {
+        (self.memory_read[0].gb_s + self.memory_read[1].gb_s) / 2.0
+    }
+}
+
 /// The whole report (the JSON written by `--json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EngineBenchReport {
@@ -243,8 +250,7 @@ impl EngineBenchReport {
             .map(|(o, c)| (o.prompt_tokens, ratio(o.tok_s.mean, c.tok_s.mean)))
             .collect();
         let decode = ratio(orchard.decode.tok_s.mean, candle.decode.tok_s.mean);
-        let gb_s = (run.memory_read[0].gb_s + run.memory_read[1].gb_s) / 2.0;
-        let decode_roofline_tok_s = decode_roofline(gb_s, run.weight_bytes);
+        let decode_roofline_tok_s = decode_roofline(run.mean_read_gb_s(), run.weight_bytes);
         let decode_of_roofline = ratio(orchard.decode.tok_s.mean, decode_roofline_tok_s);
         Self {
             run,
@@ -347,7 +353,7 @@ impl EngineBenchReport {
              the two probes) allow at most {:.1} tok/s; Orchard's single-stream decode is \
              {:.0}% of it.",
             self.run.weight_bytes as f64 / 1e6,
-            (self.run.memory_read[0].gb_s + self.run.memory_read[1].gb_s) / 2.0,
+            self.run.mean_read_gb_s(),
             self.ratios.decode_roofline_tok_s,
             self.ratios.decode_of_roofline * 100.0,
         );
