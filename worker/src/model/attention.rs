@@ -41,7 +41,7 @@ const QUERY_TILE: usize = 4;
 /// A step with fewer tokens (decode) spreads a token's attention over the compute team (see
 /// [`attend_split`]) once the token covers this many (head, position) pairs; below it, the
 /// team's hand-offs cost more than the work.
-const PARALLEL_MIN_HEAD_POSITIONS: usize = 1024;
+const PARALLEL_MIN_HEAD_POSITIONS: usize = 512;
 
 /// Value columns per task in [`attend_split`]'s weighted sums, the first of these that divides
 /// the head dimension: whole 64-byte cache lines of a value row where possible, so no line is
@@ -189,7 +189,9 @@ struct TokenQuery<'a> {
 /// sequence), into that token's output slice (those heads' `head_dim`-wide slices, in order):
 /// scores against the token's first `ctx` positions block by block, a softmax per head, then
 /// the weighted sum of the value rows block by block. The tokens walk the blocks together, so
-/// each K/V block is fetched into cache once for the whole tile.
+/// each K/V block is fetched into cache once for the whole tile, and the next block's rows are
+/// prefetched while one is read (a decode step's K/V comes from memory: the weights streamed
+/// through since the previous step have evicted it).
 ///
 /// Two passes rather than an online softmax, so that each step is the operation candle's
 /// reference runs (`q k^T`, `softmax_last_dim`, `p V`) in the same floating-point order (see
@@ -230,6 +232,9 @@ fn attend_heads(
         let probs = buffer_prefix(probs, tile.len() * nh * span);
         for (block, first, n) in context_blocks(table, span, bs) {
             let (keys, _) = kv.rows(layer, block * bs, n);
+            if let Some((ahead, _, an)) = block_after(table, span, bs, first) {
+                vec::prefetch_rows(rows(kv.rows(layer, ahead * bs, an).0, an), d);
+            }
             for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
                 let Some(n) = seen(token.ctx, first, n) else {
                     continue;
@@ -247,6 +252,9 @@ fn attend_heads(
         }
         for (block, first, n) in context_blocks(table, span, bs) {
             let (_, values) = kv.rows(layer, block * bs, n);
+            if let Some((ahead, _, an)) = block_after(table, span, bs, first) {
+                vec::prefetch_rows(rows(kv.rows(layer, ahead * bs, an).1, an), d);
+            }
             for ((token, out), p) in tile.iter_mut().zip(probs.chunks_exact(nh * span)) {
                 let ctx = token.ctx;
                 let Some(n) = seen(ctx, first, n) else {
@@ -288,6 +296,20 @@ fn context_blocks(
         .map(move |(bi, &block)| (block as usize, bi * bs))
         .take_while(move |&(_, first)| first < ctx)
         .map(move |(block, first)| (block, first, bs.min(ctx - first)))
+}
+
+/// The entry of [`context_blocks`]`(table, ctx, bs)` after the block starting at position
+/// `first`, if there is one (the block to prefetch while `first`'s is read).
+fn block_after(
+    table: &[u32],
+    ctx: usize,
+    bs: usize,
+    first: usize,
+) -> Option<(usize, usize, usize)> {
+    let next = first / bs + 1;
+    let at = next * bs;
+    let &block = table.get(next)?;
+    (at < ctx).then(|| (block as usize, at, bs.min(ctx - at)))
 }
 
 /// One token's attention, all heads, spread over the compute team in three phases so that each
