@@ -3,6 +3,8 @@
 use std::cmp::Ordering;
 
 use orchard_common::SamplingParams;
+
+use crate::kernels::{vec, Isa};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -87,33 +89,217 @@ impl Sampler {
     }
 
     /// Temperature, top-k, top-p and min-p, then one draw from the filtered distribution.
+    ///
+    /// The candidates are walked best first, but ranked only as far as the walk goes
+    /// ([`Ranked`]): sorting all of the default model's 49k logits for every token took
+    /// milliseconds, as long as a decode step.
     fn sample_random(&mut self, logits: &mut [f32]) -> Result<u32, SamplingError> {
         let inv_t = 1.0 / self.params.temperature;
         logits.iter_mut().for_each(|l| *l *= inv_t);
-        let mut cands = candidates(logits, self.params.top_k as usize);
-        if cands.is_empty() {
-            return Err(SamplingError::NoCandidates);
-        }
-        let mut probs = softmax_of(logits, &cands);
-        if self.params.top_p < 1.0 {
-            let keep = top_p_len(&probs, self.params.top_p);
-            cands.truncate(keep);
-            probs.truncate(keep);
-        }
-        if self.params.min_p > 0.0 {
-            apply_min_p(&mut probs, self.params.min_p);
-        }
-        let total: f32 = probs.iter().sum();
+        let logits = &*logits;
+        let mut ranked = Ranked::new(logits, self.params.top_k as usize);
+        let first = ranked.best(logits).ok_or(SamplingError::NoCandidates)?;
+        // The draw is over the first `keep` candidates (top-p's nucleus), less those under
+        // min-p's floor: probabilities descend, so those are a tail of them.
+        let floor = self.params.min_p * ranked.p(first);
+        let (keep, total) = if self.params.top_p < 1.0 {
+            let keep = top_p_len(&mut ranked, logits, self.params.top_p);
+            // `top_p_len` ranked them all.
+            let total: f32 = ranked.keys[..keep]
+                .iter()
+                .map(|&k| ranked.p(k as u32))
+                .filter(|&q| q >= floor)
+                .sum();
+            (keep, total)
+        } else {
+            // Non-candidates have probability 0, under any positive floor.
+            let total = mass_from(&ranked.probs, floor);
+            (ranked.len(), total)
+        };
         let mut target = self.rng.random::<f32>() * total;
-        for (&id, &p) in cands.iter().zip(&probs) {
-            if target < p {
+        let mut last = first;
+        for i in 0..keep {
+            let Some(id) = ranked.id(logits, i, target) else {
+                break;
+            };
+            let q = ranked.p(id);
+            if q < floor {
+                break;
+            }
+            if target < q {
                 return Ok(id);
             }
-            target -= p;
+            if q > 0.0 {
+                last = id;
+            }
+            target -= q;
         }
-        // Rounding can leave `target` just above the sum; fall back to the last kept token.
-        last_positive(&cands, &probs).ok_or(SamplingError::NoCandidates)
+        // Rounding can leave `target` just above the sum: the last kept token with a positive
+        // probability.
+        Ok(last)
     }
+}
+
+/// Candidate ids ranked best first (by logit, ties to the lower id) only as far as a walk goes,
+/// with their probabilities (a softmax restricted to the candidates).
+struct Ranked {
+    /// Per token id; 0 for a token that is not a candidate.
+    probs: Vec<f32>,
+    /// The ranked prefix: one [`rank_key`] per candidate, in order.
+    keys: Vec<u64>,
+    /// Every candidate whose probability is at least this is in `keys`, and no other.
+    bound: f32,
+    /// Candidates, ranked or not.
+    len: usize,
+}
+
+/// A key whose ascending order is the ranking: logit descending (`f32::total_cmp`'s order,
+/// reversed), then id ascending.
+fn rank_key(logit: f32, id: u32) -> u64 {
+    let bits = logit.to_bits();
+    let ascending = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
+    };
+    (u64::from(!ascending) << 32) | u64::from(id)
+}
+
+impl Ranked {
+    /// The `top_k` best finite-logit ids when `top_k` is set (ranked at once); otherwise every
+    /// token with a positive probability (ranked as walks need). Tokens whose probability
+    /// rounds to 0 are never drawn either way.
+    fn new(logits: &[f32], top_k: usize) -> Self {
+        let finite = logits.iter().filter(|&&l| l > f32::NEG_INFINITY).count();
+        if top_k > 0 && top_k < finite {
+            let mut keys: Vec<u64> = (0..logits.len() as u32)
+                .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
+                .map(|id| rank_key(logits[id as usize], id))
+                .collect();
+            keys.select_nth_unstable(top_k - 1);
+            keys.truncate(top_k);
+            keys.sort_unstable();
+            let mut some: Vec<f32> = keys.iter().map(|&k| logits[k as u32 as usize]).collect();
+            vec::softmax(Isa::detect(), &mut some);
+            let mut probs = vec![0.0; logits.len()];
+            for (&k, q) in keys.iter().zip(some) {
+                probs[k as u32 as usize] = q;
+            }
+            return Self {
+                probs,
+                len: keys.len(),
+                keys,
+                bound: 0.0,
+            };
+        }
+        let mut probs = logits.to_vec();
+        if finite > 0 {
+            vec::softmax(Isa::detect(), &mut probs);
+        }
+        let len = probs
+            .chunks(8)
+            .map(|c| c.iter().map(|&q| usize::from(q > 0.0)).sum::<usize>())
+            .sum();
+        Self {
+            probs,
+            keys: Vec::new(),
+            bound: f32::INFINITY,
+            len,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The best candidate (the first of the ranking), without ranking anything.
+    fn best(&self, logits: &[f32]) -> Option<u32> {
+        match self.keys.first() {
+            Some(&k) => Some(k as u32),
+            None if self.len > 0 => argmax(logits),
+            None => None,
+        }
+    }
+
+    /// Probability of token `id` (0 when it is not a candidate).
+    fn p(&self, id: u32) -> f32 {
+        self.probs[id as usize]
+    }
+
+    /// The `i`-th best candidate. Past the ranked prefix, first ranks at least the candidates
+    /// that hold `mass` more probability (a walk's remaining target), at least one.
+    fn id(&mut self, logits: &[f32], i: usize, mass: f32) -> Option<u32> {
+        while i >= self.keys.len() && self.keys.len() < self.len {
+            self.rank_more(logits, mass);
+        }
+        self.keys.get(i).map(|&k| k as u32)
+    }
+
+    /// Ranks the best unranked candidates that together hold at least `mass` of the
+    /// probability (at least one), in two passes over the row: probabilities are bucketed by
+    /// their binary exponent, which never increases down the ranking, so the candidates from
+    /// some bucket up are the next part of it.
+    fn rank_more(&mut self, logits: &[f32], mass: f32) {
+        let bucket = |q: f32| (q.to_bits() >> 23) as usize;
+        let unranked = |q: f32| q > 0.0 && q < self.bound;
+        // Four histograms in turn, so that runs of one bucket do not wait on each other's sums.
+        let mut hists = [[0f32; 256]; 4];
+        for four in self.probs.chunks(4) {
+            for (hist, &q) in hists.iter_mut().zip(four) {
+                if unranked(q) {
+                    hist[bucket(q)] += q;
+                }
+            }
+        }
+        let per_bucket: [f32; 256] = std::array::from_fn(|b| hists.iter().map(|h| h[b]).sum());
+        // A little over `mass`: the walk sums in rank order, the buckets here in another.
+        let want = mass * (1.0 + 1e-3);
+        let (mut cut, mut acc) = (0, 0f32);
+        for b in (0..256).rev().filter(|&b| per_bucket[b] > 0.0) {
+            cut = b;
+            acc += per_bucket[b];
+            if acc > want {
+                break;
+            }
+        }
+        let from = self.keys.len();
+        for (id, &q) in self.probs.iter().enumerate() {
+            if unranked(q) && bucket(q) >= cut {
+                self.keys.push(rank_key(logits[id], id as u32));
+            }
+        }
+        self.keys[from..].sort_unstable();
+        self.bound = f32::from_bits((cut as u32) << 23);
+    }
+}
+
+/// The sum of the probabilities of at least `floor`, over eight running sums (so it
+/// vectorizes; a row's mass in any order serves as a draw's total).
+fn mass_from(probs: &[f32], floor: f32) -> f32 {
+    let mut sums = [0f32; 8];
+    let chunks = probs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().filter(|&&q| q >= floor).sum();
+    for c in chunks {
+        for (s, &q) in sums.iter_mut().zip(c) {
+            *s += if q >= floor { q } else { 0.0 };
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// How many of the best candidates form top-p's nucleus: the shortest prefix whose mass
+/// reaches `top_p`, and always at least one token.
+fn top_p_len(ranked: &mut Ranked, logits: &[f32], top_p: f32) -> usize {
+    let mut cum = 0.0;
+    let mut i = 0;
+    while let Some(id) = ranked.id(logits, i, top_p - cum) {
+        cum += ranked.p(id);
+        i += 1;
+        if cum >= top_p {
+            return i;
+        }
+    }
+    ranked.len()
 }
 
 /// Raw-logit logprobs captured before penalties and temperature change the row.
@@ -233,59 +419,6 @@ fn apply_output_penalties(logits: &mut [f32], output: &[u32], params: &SamplingP
             *l -= freq * run.len() as f32 + pres;
         }
     }
-}
-
-/// Finite-logit candidate ids, best first, limited to `top_k` when it is set.
-fn candidates(logits: &[f32], top_k: usize) -> Vec<u32> {
-    let mut ids = top_ids(logits, top_k);
-    ids.retain(|&id| logits[id as usize] > f32::NEG_INFINITY);
-    ids
-}
-
-/// Probabilities of `ids` after a softmax restricted to them.
-fn softmax_of(logits: &[f32], ids: &[u32]) -> Vec<f32> {
-    let max = ids
-        .first()
-        .map_or(f32::NEG_INFINITY, |&id| logits[id as usize]);
-    let mut probs: Vec<f32> = ids
-        .iter()
-        .map(|&id| (logits[id as usize] - max).exp())
-        .collect();
-    let sum: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    probs
-}
-
-/// How many of the (descending) `probs` the nucleus keeps: the shortest prefix whose mass
-/// reaches `top_p`, and always at least one token.
-fn top_p_len(probs: &[f32], top_p: f32) -> usize {
-    let mut cum = 0.0;
-    for (i, &p) in probs.iter().enumerate() {
-        cum += p;
-        if cum >= top_p {
-            return i + 1;
-        }
-    }
-    probs.len()
-}
-
-/// Zeroes tokens whose probability is below `min_p` times the most likely one.
-fn apply_min_p(probs: &mut [f32], min_p: f32) {
-    let max = probs.iter().copied().fold(0.0, f32::max);
-    let floor = min_p * max;
-    probs
-        .iter_mut()
-        .filter(|p| **p < floor)
-        .for_each(|p| *p = 0.0);
-}
-
-/// The last candidate with positive probability (fallback for rounding at the tail).
-fn last_positive(ids: &[u32], probs: &[f32]) -> Option<u32> {
-    ids.iter()
-        .zip(probs)
-        .rev()
-        .find(|(_, &p)| p > 0.0)
-        .map(|(&id, _)| id)
 }
 
 #[cfg(test)]
@@ -408,6 +541,104 @@ mod tests {
         // Sampled token 6 reports its raw logprob, not the penalized one.
         assert_eq!(got.token_id, 6);
         assert!((lp.logprob - (2.9 - lse)).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// A large row: many ties, a few -inf, logits spread so that draws go deep.
+    fn wide_row(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 97 {
+                0 => f32::NEG_INFINITY,
+                _ => ((i * 7919) % 61) as f32 * 0.25 - 6.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranking_in_steps_equals_a_full_sort() {
+        let logits = wide_row(5000);
+        for top_k in [0usize, 1, 100, 4000] {
+            let mut ranked = Ranked::new(&logits, top_k);
+            let walked: Vec<u32> = (0..ranked.len())
+                .map(|i| ranked.id(&logits, i, 1e-4 * i as f32))
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+            let mut expected: Vec<u32> = (0..logits.len() as u32)
+                .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
+                .collect();
+            expected.sort_unstable_by(|&a, &b| by_logit_desc(&logits, a, b));
+            if top_k > 0 {
+                expected.truncate(top_k);
+            }
+            assert_eq!(walked, expected, "top_k {top_k}");
+            let total: f32 = ranked.probs.iter().sum();
+            assert!((total - 1.0).abs() < 1e-4, "top_k {top_k}: total {total}");
+        }
+    }
+
+    #[test]
+    fn draws_deep_in_a_flat_row_follow_its_distribution() -> Result<()> {
+        // 300 equal logits: each token is drawn with probability 1/300, ranked by id.
+        let mut s = sampler(|p| p.seed = Some(3));
+        let n = 30_000;
+        let mut counts = [0usize; 3];
+        for _ in 0..n {
+            let id = s.sample(&mut vec![0.5f32; 300], &[], &[])?.token_id;
+            counts[id as usize / 100] += 1;
+        }
+        // Binomial(30000, 1/3): standard deviation ~82 around 10000.
+        for c in counts {
+            assert!((9_600..=10_400).contains(&c), "{counts:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn top_p_and_min_p_on_a_large_row_keep_the_exact_sets() -> Result<()> {
+        let logits = wide_row(5000);
+        let mut ranked = Ranked::new(&logits, 0);
+        let probs = ranked.probs.clone();
+        let mut order: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
+            .collect();
+        order.sort_unstable_by(|&a, &b| by_logit_desc(&logits, a, b));
+        let mut cum = 0.0;
+        let nucleus = 1 + order
+            .iter()
+            .position(|&id| {
+                cum += probs[id as usize];
+                cum >= 0.3
+            })
+            .unwrap_or(order.len() - 1);
+        assert_eq!(top_p_len(&mut ranked, &logits, 0.3), nucleus);
+        let allowed = &order[..nucleus];
+        let mut s = sampler(|p| {
+            p.top_p = 0.3;
+            p.seed = Some(5);
+        });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3000 {
+            let id = s.sample(&mut logits.clone(), &[], &[])?.token_id;
+            assert!(allowed.contains(&id), "{id} is outside the nucleus");
+            seen.insert(id);
+        }
+        assert!(
+            seen.contains(&allowed[nucleus - 1]),
+            "the nucleus' last token is never drawn"
+        );
+        // min-p: only tokens at least half as likely as the best (logit within ln 2 of it).
+        let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = sampler(|p| {
+            p.min_p = 0.5;
+            p.seed = Some(6);
+        });
+        for _ in 0..500 {
+            let id = s.sample(&mut logits.clone(), &[], &[])?.token_id;
+            assert!(
+                logits[id as usize] >= best - 2f32.ln(),
+                "{id} is under min_p"
+            );
+        }
         Ok(())
     }
 
