@@ -1,12 +1,10 @@
 //! The per-request [`Sampler`]: turns one logits row into one token id.
 
-use std::cmp::Ordering;
-
 use orchard_common::SamplingParams;
-
-use crate::kernels::{vec, Isa};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::kernels::{vec, Isa};
 
 /// Why a logits row could not be sampled; the engine fails only the affected request.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -338,13 +336,6 @@ fn sanitize(logits: &mut [f32]) {
         .for_each(|l| *l = f32::NEG_INFINITY);
 }
 
-/// Orders `(id, logit)` pairs by logit descending, then id ascending (deterministic ties).
-fn by_logit_desc(logits: &[f32], a: u32, b: u32) -> Ordering {
-    logits[b as usize]
-        .total_cmp(&logits[a as usize])
-        .then(a.cmp(&b))
-}
-
 /// Greedy choice in O(V); ties go to the lowest id. `None` when nothing is finite.
 fn argmax(logits: &[f32]) -> Option<u32> {
     let mut best: Option<(usize, f32)> = None;
@@ -362,21 +353,23 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    max + sum.ln()
+    let mut e = logits.to_vec();
+    vec::exp_shifted(Isa::detect(), &mut e, max);
+    max + mass_from(&e, 0.0).ln()
 }
 
-/// The `k` highest-logit ids, sorted best first. Uses a partial selection (O(V)) when
-/// `k` is smaller than the vocabulary, so top-k and logprobs avoid a full sort.
+/// The `k` highest-logit ids, sorted best first (all of them when `k` is 0). Uses a partial
+/// selection (O(V)) when `k` is smaller than the vocabulary, so logprobs avoid a full sort.
 fn top_ids(logits: &[f32], k: usize) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
-    let cmp = |a: &u32, b: &u32| by_logit_desc(logits, *a, *b);
-    if k > 0 && k < ids.len() {
-        ids.select_nth_unstable_by(k - 1, cmp);
-        ids.truncate(k);
+    let mut keys: Vec<u64> = (0..logits.len() as u32)
+        .map(|id| rank_key(logits[id as usize], id))
+        .collect();
+    if k > 0 && k < keys.len() {
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
     }
-    ids.sort_unstable_by(cmp);
-    ids
+    keys.sort_unstable();
+    keys.into_iter().map(|key| key as u32).collect()
 }
 
 /// The `n` most likely tokens under the raw logits, with their logprobs.
@@ -425,6 +418,15 @@ fn apply_output_penalties(logits: &mut [f32], output: &[u32], params: &SamplingP
 mod tests {
     use super::*;
     use anyhow::{Context, Result};
+
+    use std::cmp::Ordering;
+
+    /// Orders `(id, logit)` pairs by logit descending, then id ascending (deterministic ties).
+    fn by_logit_desc(logits: &[f32], a: u32, b: u32) -> Ordering {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    }
 
     /// A sampler with the defaults overridden by `f`.
     fn sampler(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
@@ -574,6 +576,11 @@ mod tests {
             let total: f32 = ranked.probs.iter().sum();
             assert!((total - 1.0).abs() < 1e-4, "top_k {top_k}: total {total}");
         }
+        // Logprobs' top-n ranks every id, -inf ones last.
+        let mut all: Vec<u32> = (0..logits.len() as u32).collect();
+        all.sort_unstable_by(|&a, &b| by_logit_desc(&logits, a, b));
+        assert_eq!(top_ids(&logits, 0), all);
+        assert_eq!(top_ids(&logits, 10), all[..10]);
     }
 
     #[test]
