@@ -109,6 +109,15 @@ impl Sampler {
                 .filter(|&q| q >= floor)
                 .sum();
             (keep, total)
+        } else if ranked.keys.len() == ranked.len() {
+            // Top-k: every candidate is ranked already.
+            let total: f32 = ranked
+                .keys
+                .iter()
+                .map(|&k| ranked.p(k as u32))
+                .filter(|&q| q >= floor)
+                .sum();
+            (ranked.len(), total)
         } else {
             // Non-candidates have probability 0, under any positive floor.
             let total = mass_from(&ranked.probs, floor);
@@ -168,30 +177,31 @@ impl Ranked {
     /// token with a positive probability (ranked as walks need). Tokens whose probability
     /// rounds to 0 are never drawn either way.
     fn new(logits: &[f32], top_k: usize) -> Self {
-        let finite = logits.iter().filter(|&&l| l > f32::NEG_INFINITY).count();
-        if top_k > 0 && top_k < finite {
+        if top_k > 0 {
             let mut keys: Vec<u64> = (0..logits.len() as u32)
                 .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
                 .map(|id| rank_key(logits[id as usize], id))
                 .collect();
-            keys.select_nth_unstable(top_k - 1);
-            keys.truncate(top_k);
-            keys.sort_unstable();
-            let mut some: Vec<f32> = keys.iter().map(|&k| logits[k as u32 as usize]).collect();
-            vec::softmax(Isa::detect(), &mut some);
-            let mut probs = vec![0.0; logits.len()];
-            for (&k, q) in keys.iter().zip(some) {
-                probs[k as u32 as usize] = q;
+            if top_k < keys.len() {
+                keys.select_nth_unstable(top_k - 1);
+                keys.truncate(top_k);
+                keys.sort_unstable();
+                let mut some: Vec<f32> = keys.iter().map(|&k| logits[k as u32 as usize]).collect();
+                vec::softmax(Isa::detect(), &mut some);
+                let mut probs = vec![0.0; logits.len()];
+                for (&k, q) in keys.iter().zip(some) {
+                    probs[k as u32 as usize] = q;
+                }
+                return Self {
+                    probs,
+                    len: keys.len(),
+                    keys,
+                    bound: 0.0,
+                };
             }
-            return Self {
-                probs,
-                len: keys.len(),
-                keys,
-                bound: 0.0,
-            };
         }
         let mut probs = logits.to_vec();
-        if finite > 0 {
+        if logits.iter().any(|&l| l > f32::NEG_INFINITY) {
             vec::softmax(Isa::detect(), &mut probs);
         }
         let len = probs
