@@ -230,9 +230,10 @@ fn attend_heads(
         // Token `i`'s head `h` scores its first `ctx` positions in row `i * nh + h` (`span`
         // wide); every one of them is written below.
         let probs = buffer_prefix(probs, tile.len() * nh * span);
-        for (block, first, n) in context_blocks(table, span, bs) {
+        let mut blocks = context_blocks(table, span, bs).peekable();
+        while let Some((block, first, n)) = blocks.next() {
             let (keys, _) = kv.rows(layer, block * bs, n);
-            if let Some((ahead, _, an)) = block_after(table, span, bs, first) {
+            if let Some(&(ahead, _, an)) = blocks.peek() {
                 vec::prefetch_rows(rows(kv.rows(layer, ahead * bs, an).0, an), d);
             }
             for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
@@ -250,9 +251,10 @@ fn attend_heads(
                 vec::softmax(isa, &mut p[..token.ctx]);
             }
         }
-        for (block, first, n) in context_blocks(table, span, bs) {
+        let mut blocks = context_blocks(table, span, bs).peekable();
+        while let Some((block, first, n)) = blocks.next() {
             let (_, values) = kv.rows(layer, block * bs, n);
-            if let Some((ahead, _, an)) = block_after(table, span, bs, first) {
+            if let Some(&(ahead, _, an)) = blocks.peek() {
                 vec::prefetch_rows(rows(kv.rows(layer, ahead * bs, an).1, an), d);
             }
             for ((token, out), p) in tile.iter_mut().zip(probs.chunks_exact(nh * span)) {
@@ -296,20 +298,6 @@ fn context_blocks(
         .map(move |(bi, &block)| (block as usize, bi * bs))
         .take_while(move |&(_, first)| first < ctx)
         .map(move |(block, first)| (block, first, bs.min(ctx - first)))
-}
-
-/// The entry of [`context_blocks`]`(table, ctx, bs)` after the block starting at position
-/// `first`, if there is one (the block to prefetch while `first`'s is read).
-fn block_after(
-    table: &[u32],
-    ctx: usize,
-    bs: usize,
-    first: usize,
-) -> Option<(usize, usize, usize)> {
-    let next = first / bs + 1;
-    let at = next * bs;
-    let &block = table.get(next)?;
-    (at < ctx).then(|| (block as usize, at, bs.min(ctx - at)))
 }
 
 /// One token's attention, all heads, spread over the compute team in three phases so that each

@@ -100,28 +100,19 @@ impl Sampler {
         // The draw is over the first `keep` candidates (top-p's nucleus), less those under
         // min-p's floor: probabilities descend, so those are a tail of them.
         let floor = self.params.min_p * ranked.p(first);
-        let (keep, total) = if self.params.top_p < 1.0 {
-            let keep = top_p_len(&mut ranked, logits, self.params.top_p);
-            // `top_p_len` ranked them all.
-            let total: f32 = ranked.keys[..keep]
+        let keep = match self.params.top_p < 1.0 {
+            true => top_p_len(&mut ranked, logits, self.params.top_p),
+            false => ranked.len(),
+        };
+        let total: f32 = match ranked.keys.get(..keep) {
+            // Ranked already (top-p's nucleus, or every top-k candidate): their own sum.
+            Some(kept) => kept
                 .iter()
                 .map(|&k| ranked.p(k as u32))
                 .filter(|&q| q >= floor)
-                .sum();
-            (keep, total)
-        } else if ranked.keys.len() == ranked.len() {
-            // Top-k: every candidate is ranked already.
-            let total: f32 = ranked
-                .keys
-                .iter()
-                .map(|&k| ranked.p(k as u32))
-                .filter(|&q| q >= floor)
-                .sum();
-            (ranked.len(), total)
-        } else {
+                .sum(),
             // Non-candidates have probability 0, under any positive floor.
-            let total = mass_from(&ranked.probs, floor);
-            (ranked.len(), total)
+            None => mass_from(&ranked.probs, floor),
         };
         let mut target = self.rng.random::<f32>() * total;
         let mut last = first;
@@ -178,14 +169,12 @@ impl Ranked {
     /// rounds to 0 are never drawn either way.
     fn new(logits: &[f32], top_k: usize) -> Self {
         if top_k > 0 {
-            let mut keys: Vec<u64> = (0..logits.len() as u32)
+            let keys: Vec<u64> = (0..logits.len() as u32)
                 .filter(|&id| logits[id as usize] > f32::NEG_INFINITY)
                 .map(|id| rank_key(logits[id as usize], id))
                 .collect();
             if top_k < keys.len() {
-                keys.select_nth_unstable(top_k - 1);
-                keys.truncate(top_k);
-                keys.sort_unstable();
+                let keys = first_keys(keys, top_k);
                 let mut some: Vec<f32> = keys.iter().map(|&k| logits[k as u32 as usize]).collect();
                 vec::softmax(Isa::detect(), &mut some);
                 let mut probs = vec![0.0; logits.len()];
@@ -371,15 +360,22 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
 /// The `k` highest-logit ids, sorted best first (all of them when `k` is 0). Uses a partial
 /// selection (O(V)) when `k` is smaller than the vocabulary, so logprobs avoid a full sort.
 fn top_ids(logits: &[f32], k: usize) -> Vec<u32> {
-    let mut keys: Vec<u64> = (0..logits.len() as u32)
-        .map(|id| rank_key(logits[id as usize], id))
-        .collect();
+    let keys = (0..logits.len() as u32).map(|id| rank_key(logits[id as usize], id));
+    first_keys(keys.collect(), k)
+        .into_iter()
+        .map(|key| key as u32)
+        .collect()
+}
+
+/// The `k` smallest of `keys` (all of them when `k` is 0 or not smaller), sorted: a partial
+/// selection, O(V), then a sort of the `k`.
+fn first_keys(mut keys: Vec<u64>, k: usize) -> Vec<u64> {
     if k > 0 && k < keys.len() {
         keys.select_nth_unstable(k - 1);
         keys.truncate(k);
     }
     keys.sort_unstable();
-    keys.into_iter().map(|key| key as u32).collect()
+    keys
 }
 
 /// The `n` most likely tokens under the raw logits, with their logprobs.
