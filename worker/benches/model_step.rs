@@ -1,6 +1,7 @@
 //! One engine step of the default model (SmolLM2-135M Q4_1) on the CPU, reported as tokens/s:
-//! a single-sequence decode step at a ~100-token context, prefill of 128 and 512 tokens, and a
-//! 16-sequence decode step (each sequence at ~100 tokens of context).
+//! a single-sequence decode step at a ~100-token context, prefill of 128 and 512 tokens, a
+//! 16-sequence decode step (each sequence at ~100 tokens of context), and a single-sequence
+//! decode step at a 1000-token context with the KV cache in f32 and in f16.
 //!
 //! `cargo bench -p orchard-worker --bench model_step`; skipped with a message when the model
 //! file is absent (`deploy/fetch-model.sh` fetches it).
@@ -11,10 +12,12 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use orchard_worker::engine::batch::{SeqSlice, StepBatch};
 use orchard_worker::model::gguf::{self, default_model_path};
+use orchard_worker::model::kv_store::KvCacheDType;
 use orchard_worker::model::{KvStore, KvStoreConfig, Llama};
 
 const BLOCK: usize = 16;
 const CONTEXT: usize = 100;
+const LONG_CONTEXT: usize = 1000;
 
 /// A step holding, for each sequence `s`, tokens `start..start + len` with blocks
 /// `s * blocks_per_seq ..`.
@@ -42,13 +45,14 @@ fn step(seqs: usize, start: usize, len: usize, blocks_per_seq: usize) -> StepBat
     b
 }
 
-fn store(model: &Llama, blocks: usize) -> KvStore {
+fn store(model: &Llama, blocks: usize, dtype: KvCacheDType) -> KvStore {
     let cfg = model.config();
     KvStore::new(KvStoreConfig {
         num_layers: cfg.num_layers,
         num_blocks: blocks,
         block_size: BLOCK,
         kv_dim: cfg.kv_dim(),
+        dtype,
     })
 }
 
@@ -63,7 +67,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("model_step");
     g.sample_size(10);
     for prompt in [128usize, 512] {
-        let mut kv = store(&model, per_seq);
+        let mut kv = store(&model, per_seq, KvCacheDType::F32);
         let b = step(1, 0, prompt, per_seq);
         g.throughput(Throughput::Elements(prompt as u64));
         g.bench_function(format!("prefill_{prompt}"), |bn| {
@@ -71,13 +75,26 @@ fn bench(c: &mut Criterion) {
         });
     }
     for seqs in [1usize, 16] {
-        let mut kv = store(&model, seqs * per_seq);
+        let mut kv = store(&model, seqs * per_seq, KvCacheDType::F32);
         model
             .forward(&step(seqs, 0, CONTEXT, per_seq), &mut kv)
             .expect("prefill context");
         let b = step(seqs, CONTEXT, 1, per_seq);
         g.throughput(Throughput::Elements(seqs as u64));
         g.bench_function(format!("decode_{seqs}seq_ctx{CONTEXT}"), |bn| {
+            bn.iter(|| model.forward(black_box(&b), &mut kv).expect("forward"))
+        });
+    }
+    let long = LONG_CONTEXT / BLOCK + 1;
+    for dtype in [KvCacheDType::F32, KvCacheDType::F16] {
+        let mut kv = store(&model, long, dtype);
+        model
+            .forward(&step(1, 0, LONG_CONTEXT, long), &mut kv)
+            .expect("prefill context");
+        let b = step(1, LONG_CONTEXT, 1, long);
+        g.throughput(Throughput::Elements(1));
+        let name = format!("decode_1seq_ctx{LONG_CONTEXT}_{}", dtype.name());
+        g.bench_function(name, |bn| {
             bn.iter(|| model.forward(black_box(&b), &mut kv).expect("forward"))
         });
     }

@@ -142,6 +142,7 @@ fn greedy(model: &Llama, prompt: &[u32], n: usize) -> Result<(Vec<f32>, Vec<u32>
         num_blocks: 8,
         block_size: BS,
         kv_dim: cfg.kv_dim(),
+        dtype: orchard_worker::model::kv_store::KvCacheDType::default(),
     });
     let table: Vec<u32> = vec![5, 2, 7, 0, 3, 6, 1, 4];
     let (mut feed, mut done, mut out, mut first) = (prompt.to_vec(), 0usize, vec![], vec![]);

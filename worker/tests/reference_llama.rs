@@ -1,5 +1,6 @@
 //! Our Llama against candle-transformers' `quantized_llama` on the default model, teacher-forced
-//! on the reference's greedy continuation of four prompts (64 tokens each).
+//! on the reference's greedy continuation of four prompts (64 tokens each), with the KV cache
+//! in f32 (the reference's own cache type and the engine's default) and in f16.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -11,6 +12,7 @@ use orchard_worker::engine::batch::{SeqSlice, StepBatch};
 #[cfg(target_arch = "x86_64")]
 use orchard_worker::kernels::Isa;
 use orchard_worker::model::gguf::{self, default_model_path};
+use orchard_worker::model::kv_store::KvCacheDType;
 use orchard_worker::model::{KvStore, KvStoreConfig};
 use orchard_worker::text::gguf_tokenizer;
 
@@ -75,6 +77,7 @@ fn ours_forced(
     model: &orchard_worker::model::Llama,
     prompt: &[u32],
     forced: &[u32],
+    dtype: KvCacheDType,
 ) -> Result<Vec<Vec<f32>>> {
     let cfg = model.config();
     let total = prompt.len() + forced.len();
@@ -84,6 +87,7 @@ fn ours_forced(
         num_blocks: blocks + 1,
         block_size: BLOCK,
         kv_dim: cfg.kv_dim(),
+        dtype,
     });
     // Blocks in reverse order, so the block table really is consulted.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
@@ -123,6 +127,7 @@ fn ours_forced(
 }
 
 /// How our model compares with the reference over every teacher-forced position.
+#[derive(Debug, Default)]
 struct Comparison {
     /// Positions where our argmax equals the reference's.
     agree: usize,
@@ -131,17 +136,13 @@ struct Comparison {
     total: usize,
 }
 
-/// Compares every teacher-forced position, checking that each argmax mismatch is a near-tie
-/// (reference top-2 logits within 0.5).
-fn compare_with_reference() -> Result<Comparison> {
+/// Compares every teacher-forced position with a cache of each of `dtypes`, checking that each
+/// argmax mismatch is a near-tie (reference top-2 logits within 0.5).
+fn compare_with_reference(dtypes: &[KvCacheDType]) -> Result<Vec<Comparison>> {
     let path = model_path()?;
     let loaded = gguf::load(&path, &Device::Cpu)?;
     let tokenizer = gguf_tokenizer::from_gguf(&loaded.content)?;
-    let mut c = Comparison {
-        agree: 0,
-        identical: 0,
-        total: 0,
-    };
+    let mut all: Vec<Comparison> = dtypes.iter().map(|_| Comparison::default()).collect();
     for prompt in PROMPTS {
         let ids = tokenizer
             .encode(prompt, false)
@@ -149,8 +150,27 @@ fn compare_with_reference() -> Result<Comparison> {
             .get_ids()
             .to_vec();
         let (ref_tokens, ref_logits) = reference(&path, &ids)?;
-        let ours = ours_forced(&loaded.model, &ids, &ref_tokens)?;
-        for (i, (row, &b)) in ours.iter().zip(&ref_tokens).enumerate() {
+        for (&dtype, c) in dtypes.iter().zip(&mut all) {
+            let ours = ours_forced(&loaded.model, &ids, &ref_tokens, dtype)?;
+            compare(prompt, &ours, &ref_tokens, &ref_logits, c)?;
+        }
+    }
+    for c in &all {
+        anyhow::ensure!(c.total == PROMPTS.len() * STEPS, "compared {}", c.total);
+    }
+    Ok(all)
+}
+
+/// Adds one prompt's positions to `c`.
+fn compare(
+    prompt: &str,
+    ours: &[Vec<f32>],
+    ref_tokens: &[u32],
+    ref_logits: &[Vec<f32>],
+    c: &mut Comparison,
+) -> Result<()> {
+    {
+        for (i, (row, &b)) in ours.iter().zip(ref_tokens).enumerate() {
             c.total += 1;
             if *row == ref_logits[i] {
                 c.identical += 1;
@@ -170,27 +190,36 @@ fn compare_with_reference() -> Result<Comparison> {
             );
         }
     }
-    anyhow::ensure!(c.total == PROMPTS.len() * STEPS, "compared {}", c.total);
-    Ok(c)
+    Ok(())
 }
 
-/// The bar: argmax agreement >= 98%, every mismatch a near-tie. Where candle's f32
-/// matmuls run gemm's AVX2 kernels (an x86-64 CPU with AVX2 and FMA but no AVX-512, like the
-/// CI machine) our attention follows their operation order, so every position's logits must
-/// also be the reference's bits.
+/// The bar: argmax agreement >= 98% (95% with the opt-in f16 cache), every mismatch a
+/// near-tie. With an f32 cache, where candle's f32 matmuls run gemm's AVX2 kernels (an x86-64 CPU with
+/// AVX2 and FMA but no AVX-512, like the CI machine), our attention follows their operation
+/// order, so every position's logits must also be the reference's bits.
 #[test]
 fn teacher_forced_logits_agree_with_candle_quantized_llama() -> Result<()> {
-    let c = compare_with_reference()?;
-    eprintln!(
-        "argmax agreement {}/{}, bit-identical logits at {}/{} positions",
-        c.agree, c.total, c.identical, c.total
-    );
-    anyhow::ensure!(
-        c.agree * 100 >= c.total * 98,
-        "argmax agreement {}/{} below 98%",
-        c.agree,
-        c.total
-    );
+    let dtypes = [KvCacheDType::F32, KvCacheDType::F16];
+    let all = compare_with_reference(&dtypes)?;
+    for (dtype, c) in dtypes.iter().zip(&all) {
+        eprintln!(
+            "{dtype:?} cache: argmax agreement {}/{}, bit-identical logits at {}/{} positions",
+            c.agree, c.total, c.identical, c.total
+        );
+        // The 98% for the f32 cache (the default); the f16 cache rounds K and V and
+        // agreed at 247/256 when it was introduced, so it is held to 95%.
+        let floor = match dtype {
+            KvCacheDType::F32 => 98,
+            KvCacheDType::F16 => 95,
+        };
+        anyhow::ensure!(
+            c.agree * 100 >= c.total * floor,
+            "{dtype:?} cache: argmax agreement {}/{} below {floor}%",
+            c.agree,
+            c.total
+        );
+    }
+    let c = &all[0];
     if gemm_runs_avx2_kernels() {
         anyhow::ensure!(
             c.identical == c.total,
@@ -233,6 +262,7 @@ fn single_token_logits_equal_the_reference_bit_for_bit() -> Result<()> {
             num_blocks: 1,
             block_size: BLOCK,
             kv_dim: cfg.kv_dim(),
+            dtype: KvCacheDType::F32,
         });
         let batch = StepBatch {
             token_ids: vec![id],

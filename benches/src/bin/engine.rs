@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use orchard_bench::engine_bench::{self, EngineBenchConfig, Sizes};
 use orchard_bench::progress::ProgressMode;
+use orchard_common::config::KvCacheDType;
 use orchard_worker::model::gguf::default_model_path;
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,9 @@ struct Cli {
     /// Small sizes (seconds): a smoke test of the whole benchmark, not a measurement.
     #[arg(long)]
     quick: bool,
+    /// Element type of Orchard's KV cache (the worker's `engine.kv_cache_dtype`).
+    #[arg(long, value_enum, default_value_t = KvDType::F32)]
+    kv_cache_dtype: KvDType,
     /// Measured runs of every measurement; the tables show the mean.
     #[arg(long, default_value_t = 1)]
     repeat: u32,
@@ -48,6 +52,13 @@ struct Cli {
     /// No progress bar on stderr.
     #[arg(long)]
     quiet: bool,
+}
+
+/// `--kv-cache-dtype` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KvDType {
+    F32,
+    F16,
 }
 
 fn main() -> Result<()> {
@@ -66,6 +77,10 @@ fn main() -> Result<()> {
         threads: cli.threads,
         repeat: cli.repeat,
         warmup: cli.warmup,
+        kv_cache_dtype: match cli.kv_cache_dtype {
+            KvDType::F32 => KvCacheDType::F32,
+            KvDType::F16 => KvCacheDType::F16,
+        },
         progress: match cli.quiet {
             true => ProgressMode::Hidden,
             false => ProgressMode::Auto,

@@ -41,7 +41,7 @@ pub mod workload;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use orchard_common::config::WorkerConfig;
+use orchard_common::config::{KvCacheDType, WorkerConfig};
 use orchard_common::OrchardError;
 use orchard_worker::engine::EngineError;
 
@@ -129,6 +129,8 @@ pub struct EngineBenchConfig {
     pub threads: Option<usize>,
     /// Measured runs of every measurement (results are averaged).
     pub repeat: u32,
+    /// Element type of Orchard's KV cache.
+    pub kv_cache_dtype: KvCacheDType,
     /// Unmeasured warm-up requests before measuring (each engine).
     pub warmup: u32,
     /// What to run.
@@ -144,6 +146,7 @@ impl EngineBenchConfig {
             model,
             threads: None,
             repeat: 1,
+            kv_cache_dtype: KvCacheDType::default(),
             warmup: 1,
             sizes,
             progress: ProgressMode::Auto,
@@ -169,13 +172,14 @@ impl EngineBenchConfig {
         self.sizes.check()
     }
 
-    /// The worker config the engine is loaded with: the benchmark's model and threads, the
-    /// prefix cache off (so repeats cannot hit it) and a KV pool sized for the largest run.
+    /// The worker config the engine is loaded with: the benchmark's model, threads and KV cache
+    /// type, the prefix cache off (so repeats cannot hit it) and a KV pool sized for the largest run.
     pub fn worker_config(&self) -> WorkerConfig {
         let mut cfg = WorkerConfig::default();
         cfg.model.path = self.model.clone();
         cfg.model.threads = self.threads;
         cfg.engine.enable_prefix_caching = false;
+        cfg.engine.kv_cache_dtype = self.kv_cache_dtype;
         cfg.engine.num_kv_blocks = Some(self.sizes.kv_blocks_needed(cfg.engine.block_size));
         cfg
     }

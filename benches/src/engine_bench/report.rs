@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use orchard_common::config::WorkerConfig;
+use orchard_common::config::{KvCacheDType, WorkerConfig};
 use orchard_worker::engine::api::Finished;
 use serde::Serialize;
 
@@ -184,6 +184,7 @@ pub struct Ratios {
 pub struct EngineSettings {
     pub block_size: u32,
     pub num_kv_blocks: Option<u32>,
+    pub kv_cache_dtype: KvCacheDType,
     pub max_num_seqs: u32,
     pub max_num_batched_tokens: u32,
     pub enable_prefix_caching: bool,
@@ -196,6 +197,7 @@ impl EngineSettings {
         Self {
             block_size: e.block_size,
             num_kv_blocks: e.num_kv_blocks,
+            kv_cache_dtype: e.kv_cache_dtype,
             max_num_seqs: e.max_num_seqs,
             max_num_batched_tokens: e.max_num_batched_tokens,
             enable_prefix_caching: e.enable_prefix_caching,
@@ -291,7 +293,7 @@ impl EngineBenchReport {
         let _ = writeln!(
             md,
             "Model `{}`, {} threads, {} build, {} measured run(s) after {} warm-up(s){}; \
-             prefix cache off, block size {}, step budget {} tokens; 1-minute load average \
+             prefix cache off, block size {}, {} KV cache, step budget {} tokens; 1-minute load average \
              {} before, {} after; memory read bandwidth {:.1} GB/s before, {:.1} after \
              ({} threads over {} MiB).\n",
             r.model,
@@ -301,6 +303,7 @@ impl EngineBenchReport {
             r.warmup,
             if r.quick { ", --quick sizes" } else { "" },
             r.engine.block_size,
+            r.engine.kv_cache_dtype.name(),
             r.engine.max_num_batched_tokens,
             load(r.load_average[0]),
             load(r.load_average[1]),

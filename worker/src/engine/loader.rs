@@ -39,6 +39,7 @@ pub fn load_model(cfg: &WorkerConfig) -> Result<(EngineParts, TextFrontend), Eng
         num_blocks: num_kv_blocks as usize,
         block_size: cfg.engine.block_size as usize,
         kv_dim: model_cfg.kv_dim(),
+        dtype: cfg.engine.kv_cache_dtype,
     });
     let model_len = model_cfg.max_position_embeddings as u32;
     let max_model_len = cfg
@@ -118,7 +119,7 @@ fn chat_template(
 }
 
 /// `num_kv_blocks` when set, else as many blocks as `kv_cache_mb` holds for this model
-/// (layers x kv_dim x block_size x K and V x f32).
+/// (layers x kv_dim x block_size x K and V x the cache's element size).
 fn num_kv_blocks(cfg: &WorkerConfig, model: &LlamaConfig) -> Result<u32, EngineError> {
     if let Some(n) = cfg.engine.num_kv_blocks {
         return Ok(n);
@@ -129,6 +130,7 @@ fn num_kv_blocks(cfg: &WorkerConfig, model: &LlamaConfig) -> Result<u32, EngineE
         model.num_layers,
         cfg.engine.block_size as usize,
         model.kv_dim(),
+        cfg.engine.kv_cache_dtype,
     );
     match u32::try_from(blocks) {
         Ok(n) if n > 0 => Ok(n),

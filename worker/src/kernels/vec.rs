@@ -1,5 +1,7 @@
 //! f32 vector helpers for the CPU model path: attention scores, softmax and weighted sums, and
-//! the element-wise RMSNorm and SwiGLU the layers apply to each row.
+//! the element-wise RMSNorm and SwiGLU the layers apply to each row. K and V rows come from the
+//! KV cache as f32 or f16 ([`KvElem`]); they are widened to f32 exactly and everything is
+//! computed in f32.
 //!
 //! Every helper uses the same formulas and the same order of floating-point operations as the
 //! candle CPU ops the reference model runs (`candle_nn::ops::rms_norm`, `Tensor::silu`,
@@ -15,6 +17,63 @@
 //!   microkernel for `p · V`), except over exactly two rows, which `gemm` sums unfused.
 
 use super::Isa;
+use half::f16;
+
+/// An element type of the KV cache: `f32`, or `f16` (half the bytes a long context's attention
+/// reads per token). Kernels widen every element to `f32` exactly and then run the same
+/// operations, so a cache's values give the same bits in every kernel whatever its type.
+pub trait KvElem: Copy + Default + Send + Sync + 'static {
+    /// The stored value nearest `x` (round to nearest even; beyond the type's finite range,
+    /// its largest finite value of that sign, so a cache never turns a value into infinity).
+    fn from_f32(x: f32) -> Self;
+    /// The stored value, exactly.
+    fn to_f32(self) -> f32;
+    /// `len` zeros, allocated (not written) up front: the pages of a large KV cache are only
+    /// touched as sequences fill them.
+    fn zeros(len: usize) -> Vec<Self>;
+    /// Eight values from `p` widened to `f32`.
+    ///
+    /// # Safety
+    /// avx and f16c available; eight values readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn zeros(len: usize) -> Vec<Self> {
+        vec![0.0; len]
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x.clamp(f16::MIN.to_f32(), f16::MAX.to_f32()))
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn zeros(len: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        vec![0u16; len].reinterpret_into()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_loadu_si128};
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
 
 /// In place: `x[i] = exp(x[i] - max) / sum_j exp(x[j] - max)`, with candle's
 /// `softmax_last_dim` arithmetic (`f32::exp`, the sum as candle's `vec_sum` orders it for `isa`,
@@ -59,22 +118,29 @@ fn chunked_sum(x: &[f32]) -> f32 {
 
 /// `n` rows of a head's K or V inside a block of the KV store: row `j` is
 /// `data[j * stride + offset..][..d]` (the store keeps all KV heads of a slot side by side).
-#[derive(Clone, Copy)]
-pub struct HeadRows<'a> {
-    pub data: &'a [f32],
+pub struct HeadRows<'a, T = f32> {
+    pub data: &'a [T],
     pub stride: usize,
     pub offset: usize,
     pub n: usize,
 }
 
-impl HeadRows<'_> {
+// Not derived: a derive would ask `T: Copy` of the struct's users.
+impl<T> Clone for HeadRows<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for HeadRows<'_, T> {}
+
+impl<T> HeadRows<'_, T> {
     /// Whether every row `offset..offset + d` lies inside `data`.
     fn fits(&self, d: usize) -> bool {
         self.offset + d <= self.stride
             && (self.n == 0 || (self.n - 1) * self.stride + self.offset + d <= self.data.len())
     }
 
-    fn row(&self, j: usize, d: usize) -> &[f32] {
+    fn row(&self, j: usize, d: usize) -> &[T] {
         &self.data[j * self.stride + self.offset..][..d]
     }
 }
@@ -83,7 +149,7 @@ impl HeadRows<'_> {
 /// product as `gemm`'s horizontal kernel orders it: lane `i % 8` accumulates `q[i] * k[i]` with
 /// FMA in index order, then the lanes are summed pairwise (`(l0 + l4) + (l2 + l6)` +
 /// `(l1 + l5) + (l3 + l7)`).
-pub fn scores(isa: Isa, q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
+pub fn scores<T: KvElem>(isa: Isa, q: &[f32], keys: HeadRows<'_, T>, scale: f32, out: &mut [f32]) {
     let d = q.len();
     assert!(keys.fits(d) && out.len() >= keys.n, "scores: lengths");
     match isa {
@@ -99,7 +165,7 @@ pub fn scores(isa: Isa, q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f3
 }
 
 /// `y += sum_j p[j] * v_j` over one block's value rows, element by element in `j` order.
-pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
+pub fn weighted_sum<T: KvElem>(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_, T>) {
     let d = y.len();
     assert!(
         values.fits(d) && p.len() >= values.n,
@@ -110,7 +176,7 @@ pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
             for (j, &a) in p[..values.n].iter().enumerate() {
                 y.iter_mut()
                     .zip(values.row(j, d))
-                    .for_each(|(y, &x)| *y = a.mul_add(x, *y));
+                    .for_each(|(y, &x)| *y = a.mul_add(x.to_f32(), *y));
             }
         }
         // SAFETY: `Avx2` only comes from runtime detection; every row checked by `fits`.
@@ -123,7 +189,12 @@ pub fn weighted_sum(isa: Isa, y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
 /// output per head, `ps[h]` that head's weights. The heads' FMA chains run interleaved, so a
 /// narrow slice of columns is not bound by FMA latency; each output element still adds its rows
 /// in `j` order, so the bits are [`weighted_sum`]'s.
-pub fn weighted_sum_heads(isa: Isa, ys: &mut [f32], ps: &[&[f32]], values: HeadRows<'_>) {
+pub fn weighted_sum_heads<T: KvElem>(
+    isa: Isa,
+    ys: &mut [f32],
+    ps: &[&[f32]],
+    values: HeadRows<'_, T>,
+) {
     let width = ys.len() / ps.len().max(1);
     assert!(
         ys.len() == width * ps.len()
@@ -135,12 +206,12 @@ pub fn weighted_sum_heads(isa: Isa, ys: &mut [f32], ps: &[&[f32]], values: HeadR
         // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if width == 16 && ps.len() <= 4 => unsafe {
-            avx2::weighted_sum_heads::<2>(ys, ps, values)
+            avx2::weighted_sum_heads::<T, 2>(ys, ps, values)
         },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if width == 32 && ps.len() <= 4 => unsafe {
-            avx2::weighted_sum_heads::<4>(ys, ps, values)
+            avx2::weighted_sum_heads::<T, 4>(ys, ps, values)
         },
         _ => {
             for (y, p) in ys.chunks_exact_mut(width).zip(ps) {
@@ -150,14 +221,15 @@ pub fn weighted_sum_heads(isa: Isa, ys: &mut [f32], ps: &[&[f32]], values: HeadR
     }
 }
 
-/// Asks for the cache lines of the first `width` floats of every row of `rows` ahead of their
+/// Asks for the cache lines of the first `width` values of every row of `rows` ahead of their
 /// use (a hint that changes no result: the KV cache of a long context comes from memory, and
 /// each task's short run of rows is over before the hardware prefetcher ramps up).
-pub fn prefetch_rows(rows: HeadRows<'_>, width: usize) {
+pub fn prefetch_rows<T>(rows: HeadRows<'_, T>, width: usize) {
     #[cfg(target_arch = "x86_64")]
     if rows.fits(width) {
+        let per_line = (64 / std::mem::size_of::<T>().max(1)).max(1);
         for j in 0..rows.n {
-            for line in rows.row(j, width).chunks(16) {
+            for line in rows.row(j, width).chunks(per_line) {
                 // SAFETY: SSE is part of x86-64; a prefetch of an in-bounds address.
                 unsafe {
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
@@ -174,21 +246,21 @@ pub fn prefetch_rows(rows: HeadRows<'_>, width: usize) {
 /// `y = p[0] * v_0 + p[1] * v_1` with each product rounded before the sum: `gemm` computes a
 /// product whose inner dimension is 2 this way (its `gevv`), not with FMA, so a softmax over
 /// exactly two positions is weighted like this.
-pub fn weighted_pair(y: &mut [f32], p: [f32; 2], values: HeadRows<'_>) {
+pub fn weighted_pair<T: KvElem>(y: &mut [f32], p: [f32; 2], values: HeadRows<'_, T>) {
     let d = y.len();
     assert!(values.fits(d) && values.n == 2, "weighted_pair: lengths");
     let (v0, v1) = (values.row(0, d), values.row(1, d));
     for ((y, &a), &b) in y.iter_mut().zip(v0).zip(v1) {
-        *y = p[1] * b + p[0] * a;
+        *y = p[1] * b.to_f32() + p[0] * a.to_f32();
     }
 }
 
 /// One dot product in [`scores`]' order, with `f32::mul_add` (a fused multiply-add, as the
 /// AVX2 path uses).
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+fn dot_scalar<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 8];
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
-        lanes[i % 8] = x.mul_add(y, lanes[i % 8]);
+        lanes[i % 8] = x.mul_add(y.to_f32(), lanes[i % 8]);
     }
     let t0: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
     (t0[0] + t0[2]) + (t0[1] + t0[3])
@@ -246,7 +318,7 @@ pub fn exp_shifted(isa: Isa, x: &mut [f32], sub: f32) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::HeadRows;
+    use super::{HeadRows, KvElem};
     use std::arch::x86_64::*;
 
     /// glibc's `__exp2f_data` (ARM optimized-routines): `TAB[i]` = bits of `2^(i/32)` minus
@@ -381,22 +453,22 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
     }
 
-    /// SAFETY: avx2 and fma available; `a.len() == b.len()`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    /// SAFETY: avx2, fma and f16c available; `a.len() == b.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
         let n = a.len();
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
         while i + 8 <= n {
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), T::load8(bp.add(i)), acc);
             i += 8;
         }
         if i < n {
             // The tail goes into the low lanes, zero-padded, as gemm's masked load does.
             let (mut x, mut y) = ([0f32; 8], [0f32; 8]);
             x[..n - i].copy_from_slice(&a[i..]);
-            y[..n - i].copy_from_slice(&b[i..]);
+            y.iter_mut().zip(&b[i..]).for_each(|(y, b)| *y = b.to_f32());
             acc = _mm256_fmadd_ps(
                 _mm256_loadu_ps(x.as_ptr()),
                 _mm256_loadu_ps(y.as_ptr()),
@@ -406,9 +478,14 @@ mod avx2 {
         hsum(acc)
     }
 
-    /// SAFETY: avx2 and fma available; `keys.fits(q.len())`, `out.len() >= keys.n`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores(q: &[f32], keys: HeadRows<'_>, scale: f32, out: &mut [f32]) {
+    /// SAFETY: avx2, fma and f16c available; `keys.fits(q.len())`, `out.len() >= keys.n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scores<T: KvElem>(
+        q: &[f32],
+        keys: HeadRows<'_, T>,
+        scale: f32,
+        out: &mut [f32],
+    ) {
         let d = q.len();
         if !d.is_multiple_of(8) {
             for (j, o) in out[..keys.n].iter_mut().enumerate() {
@@ -424,16 +501,16 @@ mod avx2 {
             let kp = base.add(j * keys.stride);
             // The common head widths with a constant trip count (no loop overhead per FMA).
             let acc = match d {
-                64 => key_dots::<8>(qp, 64, kp, keys.stride),
-                128 => key_dots::<8>(qp, 128, kp, keys.stride),
-                _ => key_dots::<8>(qp, d, kp, keys.stride),
+                64 => key_dots::<T, 8>(qp, 64, kp, keys.stride),
+                128 => key_dots::<T, 8>(qp, 128, kp, keys.stride),
+                _ => key_dots::<T, 8>(qp, d, kp, keys.stride),
             };
             let s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
             _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
             j += 8;
         }
         while j + 4 <= keys.n {
-            let acc = key_dots::<4>(qp, d, base.add(j * keys.stride), keys.stride);
+            let acc = key_dots::<T, 4>(qp, d, base.add(j * keys.stride), keys.stride);
             for (u, a) in acc.into_iter().enumerate() {
                 out[j + u] = hsum(a) * scale;
             }
@@ -447,13 +524,13 @@ mod avx2 {
     /// The lane accumulators of `q · k_u` for `K` keys (`k_u` at `keys + u * stride`): lane
     /// `i % 8` adds `q[i] * k[i]` with FMA in index order, as `dot` does.
     ///
-    /// SAFETY: avx2 and fma available; `d % 8 == 0`, `d` floats at `q` and at every key.
-    #[target_feature(enable = "avx2,fma")]
+    /// SAFETY: avx2, fma and f16c available; `d % 8 == 0`, `d` values at `q` and at every key.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn key_dots<const K: usize>(
+    unsafe fn key_dots<T: KvElem, const K: usize>(
         q: *const f32,
         d: usize,
-        keys: *const f32,
+        keys: *const T,
         stride: usize,
     ) -> [__m256; K] {
         let mut acc = [_mm256_setzero_ps(); K];
@@ -461,7 +538,7 @@ mod avx2 {
         while i < d {
             let x = _mm256_loadu_ps(q.add(i));
             for (u, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys.add(u * stride + i)), *a);
+                *a = _mm256_fmadd_ps(x, T::load8(keys.add(u * stride + i)), *a);
             }
             i += 8;
         }
@@ -498,13 +575,13 @@ mod avx2 {
 
     /// `L` lanes of 8 columns per head.
     ///
-    /// SAFETY: avx2 and fma available; `ys.len() == 8 * L * ps.len()`, `ps.len() <= 4`,
-    /// `values.fits(8 * L)`, every `p.len() >= values.n`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_sum_heads<const L: usize>(
+    /// SAFETY: avx2, fma and f16c available; `ys.len() == 8 * L * ps.len()`,
+    /// `ps.len() <= 4`, `values.fits(8 * L)`, every `p.len() >= values.n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sum_heads<T: KvElem, const L: usize>(
         ys: &mut [f32],
         ps: &[&[f32]],
-        values: HeadRows<'_>,
+        values: HeadRows<'_, T>,
     ) {
         let (heads, w) = (ps.len(), 8 * L);
         let (yp, base) = (ys.as_mut_ptr(), values.data.as_ptr().add(values.offset));
@@ -516,7 +593,7 @@ mod avx2 {
         }
         for j in 0..values.n {
             let row = base.add(j * values.stride);
-            let v: [__m256; L] = std::array::from_fn(|l| _mm256_loadu_ps(row.add(8 * l)));
+            let v: [__m256; L] = std::array::from_fn(|l| T::load8(row.add(8 * l)));
             for (a, p) in acc[..heads].iter_mut().zip(ps) {
                 let wj = _mm256_set1_ps(*p.get_unchecked(j));
                 for (a, v) in a.iter_mut().zip(v) {
@@ -531,9 +608,13 @@ mod avx2 {
         }
     }
 
-    /// SAFETY: avx2 and fma available; `values.fits(y.len())`, `p.len() >= values.n`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_sum(y: &mut [f32], p: &[f32], values: HeadRows<'_>) {
+    /// SAFETY: avx2, fma and f16c available; `values.fits(y.len())`, `p.len() >= values.n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sum<T: KvElem>(
+        y: &mut [f32],
+        p: &[f32],
+        values: HeadRows<'_, T>,
+    ) {
         let d = y.len();
         let (yp, base) = (y.as_mut_ptr(), values.data.as_ptr().add(values.offset));
         let p = &p[..values.n];
@@ -541,16 +622,16 @@ mod avx2 {
         // 64 columns per pass in registers, so the FMA chains of different columns overlap;
         // each column still adds its rows in `j` order.
         while i + 64 <= d {
-            weighted_columns::<8>(yp.add(i), base.add(i), values.stride, p);
+            weighted_columns::<T, 8>(yp.add(i), base.add(i), values.stride, p);
             i += 64;
         }
         while i + 8 <= d {
-            weighted_columns::<1>(yp.add(i), base.add(i), values.stride, p);
+            weighted_columns::<T, 1>(yp.add(i), base.add(i), values.stride, p);
             i += 8;
         }
         while i < d {
             for (j, &a) in p.iter().enumerate() {
-                *yp.add(i) = a.mul_add(*base.add(j * values.stride + i), *yp.add(i));
+                *yp.add(i) = a.mul_add((*base.add(j * values.stride + i)).to_f32(), *yp.add(i));
             }
             i += 1;
         }
@@ -560,12 +641,13 @@ mod avx2 {
     /// order, with the `L` accumulators in registers (a constant count, so they are not kept
     /// in memory between rows).
     ///
-    /// SAFETY: avx2 and fma available; `8L` floats at `y` and at every row for `j < p.len()`.
-    #[target_feature(enable = "avx2,fma")]
+    /// SAFETY: avx2, fma and f16c available; `8L` values at `y` and at every row for
+    /// `j < p.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn weighted_columns<const L: usize>(
+    unsafe fn weighted_columns<T: KvElem, const L: usize>(
         y: *mut f32,
-        base: *const f32,
+        base: *const T,
         stride: usize,
         p: &[f32],
     ) {
@@ -574,7 +656,7 @@ mod avx2 {
             let w = _mm256_set1_ps(a);
             let row = base.add(j * stride);
             for (c, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * c)), *acc);
+                *acc = _mm256_fmadd_ps(w, T::load8(row.add(8 * c)), *acc);
             }
         }
         for (c, a) in acc.iter().enumerate() {

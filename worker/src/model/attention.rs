@@ -10,8 +10,9 @@
 //! - [`attention_candle`]: the generic path built from candle ops (gather the sequence's
 //!   blocks, `q k^T`, masked softmax, `· v`), which runs on any candle device (Metal, CUDA).
 
-use super::kv_store::KvStore;
+use super::kv_store::{KvPlanes, KvStore, KvView};
 use crate::engine::batch::StepBatch;
+use crate::kernels::vec::KvElem;
 use crate::kernels::{buffer_prefix, team, vec, Isa};
 use candle_core::{Device, Tensor};
 
@@ -70,6 +71,21 @@ pub fn paged_attention_into(
     q: &[f32],
     batch: &StepBatch,
     kv: &KvStore,
+    layer: usize,
+    heads: HeadLayout,
+    out: &mut [f32],
+) {
+    match kv.view() {
+        KvView::F16(planes) => attention_cpu(q, batch, planes, layer, heads, out),
+        KvView::F32(planes) => attention_cpu(q, batch, planes, layer, heads, out),
+    }
+}
+
+/// [`paged_attention_into`] on a store of element type `T`.
+fn attention_cpu<T: KvElem>(
+    q: &[f32],
+    batch: &StepBatch,
+    kv: &KvPlanes<T>,
     layer: usize,
     heads: HeadLayout,
     out: &mut [f32],
@@ -198,10 +214,10 @@ struct TokenQuery<'a> {
 /// `kernels::vec`): the model's attention then gives candle's bits, however the heads and
 /// tokens are spread over threads and tiles. Scores live in a per-thread buffer of
 /// `tokens * heads * ctx` floats.
-fn attend_heads(
+fn attend_heads<T: KvElem>(
     tile: &mut [(TokenQuery<'_>, &mut [f32])],
     heads_range: std::ops::Range<usize>,
-    kv: &KvStore,
+    kv: &KvPlanes<T>,
     layer: usize,
     heads: HeadLayout,
     isa: Isa,
@@ -213,7 +229,7 @@ fn attend_heads(
     let table = first_token.0.table;
     let span = tile.iter().map(|(t, _)| t.ctx).max().unwrap_or(0);
     let g = heads_range.start / heads.group();
-    let bs = kv.config().block_size;
+    let bs = kv.block_size();
     let scale = 1.0 / (d as f32).sqrt();
     let rows = |data, n| vec::HeadRows {
         data,
@@ -308,16 +324,16 @@ fn context_blocks(
 /// task reads next are prefetched a block ahead (the cache of a long context comes from
 /// memory). Every score, softmax and output element goes through the same operations in the
 /// same order as in [`attend_heads`], so the result is the same bits.
-fn attend_split(
+fn attend_split<T: KvElem>(
     token: &TokenQuery<'_>,
     out: &mut [f32],
-    kv: &KvStore,
+    kv: &KvPlanes<T>,
     layer: usize,
     (heads, cols): (HeadLayout, usize),
     isa: Isa,
 ) {
     let (d, ctx, nh, group) = (heads.head_dim, token.ctx, heads.num_heads, heads.group());
-    let bs = kv.config().block_size;
+    let bs = kv.block_size();
     let scale = 1.0 / (d as f32).sqrt();
     let blocks: Vec<_> = context_blocks(token.table, ctx, bs).collect();
     let rows = |data, g: usize, col: usize, n| vec::HeadRows {
@@ -438,8 +454,8 @@ fn gather_kv(
         let Some(slot) = kv.slot_of(table, p) else {
             candle_core::bail!("block table covers {} positions, need {ctx}", p);
         };
-        ks.extend_from_slice(kv.key(layer, slot));
-        vs.extend_from_slice(kv.value(layer, slot));
+        kv.read_row(layer, slot, true, &mut ks);
+        kv.read_row(layer, slot, false, &mut vs);
     }
     let shape = (ctx, heads.num_kv_heads, heads.head_dim);
     let expand = |x: Vec<f32>| -> candle_core::Result<Tensor> {

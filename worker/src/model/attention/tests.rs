@@ -1,9 +1,14 @@
 //! The CPU kernel and the candle-op path must agree on random data: several sequences of
-//! different lengths in one step, decode tokens and a prefill chunk on top of cached tokens.
+//! different lengths in one step, decode tokens and a prefill chunk on top of cached tokens,
+//! with the cache in either element type (both paths read the same stored values).
 
 use super::*;
 use crate::engine::batch::SeqSlice;
+use crate::model::kv_store::KvCacheDType;
 use crate::model::KvStoreConfig;
+
+/// Every test runs on both cache element types.
+const DTYPES: [KvCacheDType; 2] = [KvCacheDType::F32, KvCacheDType::F16];
 
 const HEADS: HeadLayout = HeadLayout {
     num_heads: 6,
@@ -36,17 +41,23 @@ struct Seq {
 
 /// [`setup`] for one sequence on `table` with `cached` positions cached and `new` in the step,
 /// K/V drawn from seed `seed`.
-fn one_seq(table: &[u32], cached: usize, new: usize, seed: u64) -> (KvStore, StepBatch) {
+fn one_seq(
+    table: &[u32],
+    cached: usize,
+    new: usize,
+    seed: u64,
+    dtype: KvCacheDType,
+) -> (KvStore, StepBatch) {
     let seq = Seq {
         table: table.to_vec(),
         cached,
         new,
     };
-    setup(&[seq], &mut Lcg(seed))
+    setup(&[seq], &mut Lcg(seed), dtype)
 }
 
 /// Fills the store with random K/V for every position of every sequence and builds the step.
-fn setup(seqs: &[Seq], rng: &mut Lcg) -> (KvStore, StepBatch) {
+fn setup(seqs: &[Seq], rng: &mut Lcg, dtype: KvCacheDType) -> (KvStore, StepBatch) {
     let kv_dim = HEADS.num_kv_heads * HEADS.head_dim;
     let blocks = seqs
         .iter()
@@ -58,6 +69,7 @@ fn setup(seqs: &[Seq], rng: &mut Lcg) -> (KvStore, StepBatch) {
         num_blocks: (blocks as usize).max(32),
         block_size: BLOCK,
         kv_dim,
+        dtype,
     });
     let mut batch = StepBatch::default();
     for s in seqs {
@@ -89,6 +101,13 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn cpu_kernel_matches_candle_ops_on_mixed_step() -> candle_core::Result<()> {
+    for dtype in DTYPES {
+        mixed_step(dtype)?;
+    }
+    Ok(())
+}
+
+fn mixed_step(dtype: KvCacheDType) -> candle_core::Result<()> {
     let mut rng = Lcg(7);
     let seqs = [
         // decode at position 37 (10 blocks, scattered)
@@ -116,7 +135,7 @@ fn cpu_kernel_matches_candle_ops_on_mixed_step() -> candle_core::Result<()> {
             new: 1,
         },
     ];
-    let (kv, batch) = setup(&seqs, &mut rng);
+    let (kv, batch) = setup(&seqs, &mut rng, dtype);
     let width = HEADS.num_heads * HEADS.head_dim;
     let q = rng.vec(batch.num_tokens() * width);
     let ours = paged_attention(&q, &batch, &kv, 1, HEADS);
@@ -126,7 +145,7 @@ fn cpu_kernel_matches_candle_ops_on_mixed_step() -> candle_core::Result<()> {
         .to_vec1::<f32>()?;
     assert_eq!(ours.len(), generic.len());
     let diff = max_abs_diff(&ours, &generic);
-    assert!(diff < 1e-5, "cpu vs candle: max abs diff {diff}");
+    assert!(diff < 1e-5, "{dtype:?}: cpu vs candle: max abs diff {diff}");
     Ok(())
 }
 
@@ -139,7 +158,11 @@ fn decode_tokens_equal_candle_ops_bit_for_bit() -> candle_core::Result<()> {
     // Spread per (token, KV head); split in three phases (plus a short one done per group);
     // on the calling thread.
     let steps: [&[usize]; 3] = [&[1, 2, 3, 17, 33, 90, 256], &[2, 200, 256], &[5, 9]];
-    for (i, contexts) in steps.into_iter().enumerate() {
+    for (i, (contexts, dtype)) in steps
+        .into_iter()
+        .flat_map(|c| DTYPES.map(|d| (c, d)))
+        .enumerate()
+    {
         let mut rng = Lcg(11 + i as u64);
         let mut next_block = 0u32;
         let seqs: Vec<Seq> = contexts
@@ -156,7 +179,7 @@ fn decode_tokens_equal_candle_ops_bit_for_bit() -> candle_core::Result<()> {
                 }
             })
             .collect();
-        let (kv, batch) = setup(&seqs, &mut rng);
+        let (kv, batch) = setup(&seqs, &mut rng, dtype);
         let width = HEADS.num_heads * HEADS.head_dim;
         let q = rng.vec(batch.num_tokens() * width);
         let ours = paged_attention(&q, &batch, &kv, 1, HEADS);
@@ -165,54 +188,68 @@ fn decode_tokens_equal_candle_ops_bit_for_bit() -> candle_core::Result<()> {
             .flatten_all()?
             .to_vec1::<f32>()?;
         for (t, (a, b)) in ours.chunks(width).zip(generic.chunks(width)).enumerate() {
-            assert_eq!(a, b, "token {t} (context {})", batch.positions[t] + 1);
+            let ctx = batch.positions[t] + 1;
+            assert_eq!(a, b, "{dtype:?}: token {t} (context {ctx})");
         }
     }
     Ok(())
 }
 
 #[test]
-fn chunked_prefill_equals_whole_prefill() -> candle_core::Result<()> {
+fn chunked_prefill_equals_whole_prefill() {
+    for dtype in DTYPES {
+        chunked_prefill(dtype);
+    }
+}
+
+fn chunked_prefill(dtype: KvCacheDType) {
     let table = vec![7, 2, 11, 5, 0, 9];
     let (total, split) = (21usize, 12usize);
-    let (kv, batch) = one_seq(&table, 0, total, 3);
+    let (kv, batch) = one_seq(&table, 0, total, 3, dtype);
     let width = HEADS.num_heads * HEADS.head_dim;
     let q = Lcg(99).vec(total * width);
     let all = paged_attention(&q, &batch, &kv, 1, HEADS);
     // Same K/V (same seed), second chunk only: tokens split..total on top of `split` cached.
-    let (kv2, batch2) = one_seq(&table, split, total - split, 3);
+    let (kv2, batch2) = one_seq(&table, split, total - split, 3, dtype);
     let tail = paged_attention(&q[split * width..], &batch2, &kv2, 1, HEADS);
     assert_eq!(max_abs_diff(&tail, &all[split * width..]), 0.0);
     // And a token that sees only itself returns its own V row exactly.
-    let v0 = kv.value(
-        1,
-        kv.slot_of(&batch.seqs[0].block_table, 0).expect("slot 0"),
-    );
+    let slot = kv.slot_of(&batch.seqs[0].block_table, 0).expect("slot 0");
+    let mut v0 = Vec::new();
+    kv.read_row(1, slot, false, &mut v0);
     let d = HEADS.head_dim;
     for h in 0..HEADS.num_heads {
         let g = h / (HEADS.num_heads / HEADS.num_kv_heads);
         let diff = max_abs_diff(&all[h * d..(h + 1) * d], &v0[g * d..(g + 1) * d]);
-        assert!(diff < 1e-6, "head {h}: {diff}");
+        assert!(diff < 1e-6, "{dtype:?}: head {h}: {diff}");
     }
-    Ok(())
 }
 
 #[test]
-fn a_prefill_token_gets_the_bits_it_gets_alone() -> candle_core::Result<()> {
+fn a_prefill_token_gets_the_bits_it_gets_alone() {
+    for dtype in DTYPES {
+        prefill_token_alone(dtype);
+    }
+}
+
+fn prefill_token_alone(dtype: KvCacheDType) {
     // A 21-token prefill runs in tiles of `QUERY_TILE` tokens; each token alone (one-token
     // step on top of its cached prefix, same K/V) must give the same bits.
     let table = vec![7, 2, 11, 5, 0, 9];
     let total = 21usize;
-    let (kv, batch) = one_seq(&table, 0, total, 5);
+    let (kv, batch) = one_seq(&table, 0, total, 5, dtype);
     let width = HEADS.num_heads * HEADS.head_dim;
     let q = Lcg(77).vec(total * width);
     let all = paged_attention(&q, &batch, &kv, 1, HEADS);
     for t in [0usize, 3, 4, 13, 20] {
-        let (kv1, batch1) = one_seq(&table, t, 1, 5);
+        let (kv1, batch1) = one_seq(&table, t, 1, 5, dtype);
         let alone = paged_attention(&q[t * width..(t + 1) * width], &batch1, &kv1, 1, HEADS);
-        assert_eq!(alone, &all[t * width..(t + 1) * width], "token {t}");
+        assert_eq!(
+            alone,
+            &all[t * width..(t + 1) * width],
+            "{dtype:?}: token {t}"
+        );
     }
-    Ok(())
 }
 
 #[test]
