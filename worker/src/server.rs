@@ -198,6 +198,7 @@ async fn start(ctx: Startup) -> Result<(), ServerError> {
         worker_id = %ctx.config.id,
         model = %info.model_name,
         kv_blocks = info.num_kv_blocks,
+        kv_cache_dtype = ctx.config.engine.kv_cache_dtype.name(),
         max_model_len = info.max_model_len,
         "worker serving"
     );
