@@ -98,6 +98,29 @@ impl Q8_0Matrix {
         self.k
     }
 
+    /// Row `r` of the matrix as f32, each value `q * d` exactly as candle's
+    /// `BlockQ8_0::to_float` dequantizes it: a tied LM head serves as the token embedding
+    /// table this way, without a dense f32 copy of it. Errors when `r` is out of range or
+    /// `out` is not `k` long.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.n_out || out.len() != self.k {
+            candle_core::bail!(
+                "Q8_0Matrix: row {r} into {} values of a [{}, {}] matrix",
+                out.len(),
+                self.n_out,
+                self.k
+            );
+        }
+        let nb = self.k / QK;
+        let (d, q) = (&self.d[r * nb..][..nb], &self.q[r * self.k..][..self.k]);
+        for ((o, q), &d) in out.chunks_exact_mut(QK).zip(q.chunks_exact(QK)).zip(d) {
+            o.iter_mut()
+                .zip(q)
+                .for_each(|(o, &q)| *o = f32::from(q) * d);
+        }
+        Ok(())
+    }
+
     /// Computes `out = x @ W^T` for `x: [t, k]`, `out: [t, n_out]`.
     pub fn matmul(&self, x: &[f32], t: usize, out: &mut [f32]) {
         let act = Q8_0Activations::quantize(x, t, self.k);
@@ -222,6 +245,22 @@ mod tests {
     fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    #[test]
+    fn a_row_dequantizes_to_candles_bits() -> Result<()> {
+        let (n, k) = (7, 96);
+        let qt = QTensor::quantize(&random((n, k), 5), GgmlDType::Q8_0)?;
+        let reference = qt.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+        let ours = Q8_0Matrix::from_qtensor(&qt)?;
+        let mut row = vec![0f32; k];
+        for (r, expected) in reference.iter().enumerate() {
+            ours.dequantize_row(r, &mut row)?;
+            assert_eq!(&row, expected, "row {r}");
+        }
+        assert!(ours.dequantize_row(n, &mut row).is_err());
+        assert!(ours.dequantize_row(0, &mut row[1..]).is_err());
+        Ok(())
     }
 
     fn check(t: usize, k: usize, n: usize) -> Result<()> {

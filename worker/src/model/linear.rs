@@ -7,6 +7,7 @@
 //! activations are quantized once and one parallel pass streams all their weights.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -20,8 +21,9 @@ use crate::kernels::Isa;
 pub enum Linear {
     /// Q4_1 weights for the AVX2 kernel (CPU only).
     Q4_1(Q4_1Matrix),
-    /// Q8_0 weights for the AVX2 kernel (CPU only).
-    Q8_0(Q8_0Matrix),
+    /// Q8_0 weights for the AVX2 kernel (CPU only); shared with the token embedding when the
+    /// model ties them.
+    Q8_0(Arc<Q8_0Matrix>),
     /// Anything else: candle's quantized or dense matmul, on any device.
     Candle(QMatMul),
 }
@@ -33,7 +35,9 @@ impl Linear {
         let own_kernels = device.is_cpu() && Isa::detect() != Isa::Scalar;
         match qt.dtype() {
             GgmlDType::Q4_1 if own_kernels => Ok(Linear::Q4_1(Q4_1Matrix::from_qtensor(&qt)?)),
-            GgmlDType::Q8_0 if own_kernels => Ok(Linear::Q8_0(Q8_0Matrix::from_qtensor(&qt)?)),
+            GgmlDType::Q8_0 if own_kernels => {
+                Ok(Linear::Q8_0(Arc::new(Q8_0Matrix::from_qtensor(&qt)?)))
+            }
             _ if device.is_cpu() => Ok(Linear::Candle(QMatMul::from_qtensor(qt)?)),
             dtype => {
                 let dims = qt.shape().clone();

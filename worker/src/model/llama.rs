@@ -9,9 +9,9 @@
 //! Orchard's kernels (quantized matmuls, paged attention, fused SwiGLU); on any other candle
 //! device they run as candle ops with the generic attention path.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use super::attention::{attention_candle, paged_attention_into, HeadLayout};
@@ -19,6 +19,7 @@ use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
+use crate::kernels::q8_0::Q8_0Matrix;
 use crate::kernels::{buffer_prefix, par_row_runs, vec, Isa};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
@@ -122,6 +123,71 @@ impl Norm {
     }
 }
 
+/// The token embedding table.
+#[derive(Debug)]
+pub(crate) enum Embedding {
+    /// `[vocab, hidden]` f32 on the model's device.
+    Dense(Tensor),
+    /// Q8_0 rows on the CPU, dequantized per token (the values candle's dequantization gives).
+    /// With tied embeddings (the default model) this is the LM head's own matrix, so the
+    /// table costs no memory of its own: a dense f32 copy of the default model's would be
+    /// 113 MB, more than all its other weights together.
+    Q8_0(Arc<Q8_0Matrix>),
+}
+
+impl Embedding {
+    /// The table for `qtensor` (`[vocab, hidden]`, any GGUF type): Q8_0 stays quantized on
+    /// the CPU, anything else is dequantized onto `device`.
+    fn from_qtensor(qtensor: QTensor, device: &Device) -> Result<Self, ModelError> {
+        Ok(match qtensor.dtype() {
+            GgmlDType::Q8_0 if device.is_cpu() => {
+                Embedding::Q8_0(Arc::new(Q8_0Matrix::from_qtensor(&qtensor)?))
+            }
+            _ => Embedding::Dense(qtensor.dequantize(device)?),
+        })
+    }
+
+    /// The rows of `ids` into `out` (`ids.len() * hidden` values), on the CPU.
+    fn rows_cpu(&self, ids: &[u32], out: &mut [f32]) -> Result<(), ModelError> {
+        match self {
+            Embedding::Dense(table) => {
+                let ids = Tensor::new(ids, table.device())?;
+                let rows = table
+                    .index_select(&ids, 0)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if rows.len() != out.len() {
+                    return Err(ModelError::Unsupported(format!(
+                        "embedding: {} values for {} tokens, expected {}",
+                        rows.len(),
+                        ids.dim(0)?,
+                        out.len()
+                    )));
+                }
+                out.copy_from_slice(&rows);
+            }
+            Embedding::Q8_0(m) => {
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(m.k())) {
+                    m.dequantize_row(id as usize, row)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows of `ids` as a `[T, hidden]` tensor on `device`.
+    fn rows(&self, ids: &[u32], hidden: usize, device: &Device) -> Result<Tensor, ModelError> {
+        match self {
+            Embedding::Dense(table) => Ok(table.index_select(&Tensor::new(ids, device)?, 0)?),
+            Embedding::Q8_0(_) => {
+                let mut out = vec![0f32; ids.len() * hidden];
+                self.rows_cpu(ids, &mut out)?;
+                Ok(Tensor::from_vec(out, (ids.len(), hidden), device)?)
+            }
+        }
+    }
+}
+
 /// One decoder layer. q/k/v are stacked into one matrix, as are gate/up.
 #[derive(Debug)]
 pub(crate) struct Block {
@@ -136,8 +202,7 @@ pub(crate) struct Block {
 /// Everything a loader supplies to build a [`Llama`].
 pub(crate) struct LlamaParts {
     pub(crate) cfg: LlamaConfig,
-    /// `[vocab, hidden]` f32 token embeddings.
-    pub(crate) embed: Tensor,
+    pub(crate) embed: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Norm,
     pub(crate) lm_head: Linear,
@@ -148,7 +213,7 @@ pub(crate) struct LlamaParts {
 #[derive(Debug)]
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     norm: Norm,
     lm_head: Linear,
@@ -229,11 +294,20 @@ impl Llama {
         let cfg = LlamaConfig::from_gguf(ct)?;
         let mut r = GgufReader { ct, reader, device };
         let embed_q = r.qtensor("token_embd.weight")?;
-        let embed = embed_q.dequantize(device)?;
-        let lm_head = match ct.tensor_infos.contains_key("output.weight") {
-            true => r.linear(&["output.weight".to_string()])?,
-            // Tied embeddings (SmolLM): the LM head reuses the quantized embedding matrix.
-            false => Linear::from_qtensors(vec![embed_q], device)?,
+        let (embed, lm_head) = match ct.tensor_infos.contains_key("output.weight") {
+            true => (
+                Embedding::from_qtensor(embed_q, device)?,
+                r.linear(&["output.weight".to_string()])?,
+            ),
+            // Tied embeddings (SmolLM): the LM head reuses the quantized embedding matrix, and
+            // in Q8_0 on the CPU the embedding reads the head's repacked rows.
+            false => match Linear::from_qtensors(vec![embed_q], device)? {
+                Linear::Q8_0(head) => (Embedding::Q8_0(head.clone()), Linear::Q8_0(head)),
+                head => {
+                    let table = r.qtensor("token_embd.weight")?.dequantize(device)?;
+                    (Embedding::Dense(table), head)
+                }
+            },
         };
         let blocks = (0..cfg.num_layers)
             .map(|i| r.block(i))
@@ -395,12 +469,8 @@ struct LayerCtx<'a, 'k> {
 /// CPU path: plain `f32` rows and Orchard's kernels.
 impl Llama {
     fn forward_cpu(&self, batch: &StepBatch, kv: &mut KvStore) -> Result<Tensor, ModelError> {
-        let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut x = vec![0f32; batch.num_tokens() * self.cfg.hidden_size];
+        self.embed.rows_cpu(&batch.token_ids, &mut x)?;
         // Buffers are only reused, never read before being written: a poisoned lock (a panic
         // in an earlier step) leaves nothing to distrust.
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -485,8 +555,9 @@ impl Llama {
 /// Generic path: candle ops on the model's device; K/V still live in the (CPU) paged store.
 impl Llama {
     fn forward_generic(&self, batch: &StepBatch, kv: &mut KvStore) -> Result<Tensor, ModelError> {
-        let ids = Tensor::new(batch.token_ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self
+            .embed
+            .rows(&batch.token_ids, self.cfg.hidden_size, &self.device)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let ctx = LayerCtx {
                 batch,
@@ -614,6 +685,30 @@ mod tests {
             .matmul(&theta)?;
         assert_eq!(rope.cos, idx_theta.cos()?.flatten_all()?.to_vec1::<f32>()?);
         assert_eq!(rope.sin, idx_theta.sin()?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// A Q8_0 table read row by row gives the rows of candle's dequantized table, bit for bit,
+    /// through both the CPU path and the tensor path; an id past the table is an error.
+    #[test]
+    fn q8_0_embedding_rows_equal_the_dequantized_table() -> Result<(), ModelError> {
+        let (vocab, hidden) = (11, 64);
+        let values: Vec<f32> = (0..vocab * hidden)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let table = Tensor::from_vec(values, (vocab, hidden), &Device::Cpu)?;
+        let qt = QTensor::quantize(&table, GgmlDType::Q8_0)?;
+        let dense = qt.dequantize(&Device::Cpu)?;
+        let embed = Embedding::from_qtensor(qt, &Device::Cpu)?;
+        assert!(matches!(embed, Embedding::Q8_0(_)));
+        let ids = [3u32, 0, 10, 3];
+        let expected = dense.index_select(&Tensor::new(&ids[..], &Device::Cpu)?, 0)?;
+        let mut rows = vec![0f32; ids.len() * hidden];
+        embed.rows_cpu(&ids, &mut rows)?;
+        assert_eq!(rows, expected.flatten_all()?.to_vec1::<f32>()?);
+        let tensor = embed.rows(&ids, hidden, &Device::Cpu)?;
+        assert_eq!(tensor.to_vec2::<f32>()?, expected.to_vec2::<f32>()?);
+        assert!(embed.rows_cpu(&[11], &mut rows[..hidden]).is_err());
         Ok(())
     }
 }

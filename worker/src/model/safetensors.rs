@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 
 use super::config::HfConfig;
 use super::linear::Linear;
-use super::llama::{Block, LlamaParts, Norm};
+use super::llama::{Block, Embedding, LlamaParts, Norm};
 use super::{Llama, LlamaConfig, ModelError};
 
 /// A model loaded from a safetensors directory.
@@ -98,7 +98,7 @@ fn build(
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Llama::from_parts(LlamaParts {
         cfg: cfg.clone(),
-        embed,
+        embed: Embedding::Dense(embed),
         blocks,
         norm: Norm::new(vb.get(h, "model.norm.weight")?)?,
         lm_head: Linear::from_dense(&[lm_head])?,
