@@ -40,6 +40,13 @@ const GROUP_BLOCK_BYTES: usize = ROWS * QK / 2;
 /// Tokens computed together in a multi-token step (a row group's nibbles are unpacked once
 /// for all of them).
 const TOKENS: usize = 4;
+/// How far ahead of the block being read a streaming pass prefetches its weights, in blocks
+/// of a row group (4 KiB of nibbles, and the matching scales and mins). A decode step's
+/// matrices are split into tasks of a few dozen KiB each, and the hardware prefetcher alone
+/// ramps up too slowly on such short streams: with this, the default model's Q4_1 layers at
+/// one token went from a median of 3.42 to 3.12 ms per step (30 interleaved rounds, faster in
+/// 28 of them).
+const PREFETCH_BLOCKS: usize = 4096 / GROUP_BLOCK_BYTES;
 /// Activation blocks one task quantizes in a multi-token step.
 const QUANTIZE_TASK_BLOCKS: usize = 64;
 
@@ -277,11 +284,22 @@ impl Q4_1Matrix {
                     } else {
                         1
                     };
+                    // Only the first tokens' pass brings the group's weights from memory; the
+                    // later ones find them in cache.
+                    let stream = ti == 0;
                     match n {
-                        TOKENS => {
-                            write_group(kernel.dot_group::<TOKENS>(w, act, ti), &rows, ti, &mut o)
-                        }
-                        _ => write_group(kernel.dot_group::<1>(w, act, ti), &rows, ti, &mut o),
+                        TOKENS => write_group(
+                            kernel.dot_group::<TOKENS>(w, act, ti, stream),
+                            &rows,
+                            ti,
+                            &mut o,
+                        ),
+                        _ => write_group(
+                            kernel.dot_group::<1>(w, act, ti, stream),
+                            &rows,
+                            ti,
+                            &mut o,
+                        ),
                     }
                     ti += n;
                 }
@@ -337,13 +355,15 @@ impl XRow<'_> {
 type Kernel = Isa;
 
 impl Isa {
-    /// One row group against tokens `ti..ti + C`: `[token][row lane]`.
+    /// One row group against tokens `ti..ti + C`: `[token][row lane]`. With `stream`, the
+    /// weights [`PREFETCH_BLOCKS`] ahead are prefetched (the pass that reads them from memory).
     #[inline]
     fn dot_group<const C: usize>(
         self,
         w: WGroup<'_>,
         act: &Q8_1Activations,
         ti: usize,
+        stream: bool,
     ) -> [[f32; ROWS]; C] {
         let x: [XRow<'_>; C] = std::array::from_fn(|c| act.row(ti + c));
         assert!(
@@ -355,7 +375,7 @@ impl Isa {
             // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma and
             // f16c; every row's lengths were checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot_group(w, x) },
+            Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream) },
         }
     }
 }
@@ -383,7 +403,7 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{WGroup, XRow, GROUP_BLOCK_BYTES, QK, ROWS};
+    use super::{WGroup, XRow, GROUP_BLOCK_BYTES, PREFETCH_BLOCKS, QK, ROWS};
     use std::arch::x86_64::*;
 
     /// Eight f16 values widened to f32.
@@ -458,13 +478,16 @@ mod avx2 {
     }
 
     /// One group of eight rows against `C` tokens; lane `r` of token `c`'s result is row
-    /// `r`'s dot product, computed in candle's operation order (module docs).
+    /// `r`'s dot product, computed in candle's operation order (module docs). With `stream`,
+    /// each block prefetches the weights [`PREFETCH_BLOCKS`] blocks ahead (past this group's
+    /// end: the next group's, which follow in memory).
     ///
     /// SAFETY: caller must ensure avx2 and f16c are available and every `x.fits(&w)`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_group<const C: usize>(
         w: WGroup<'_>,
         x: [XRow<'_>; C],
+        stream: bool,
     ) -> [[f32; ROWS]; C] {
         let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
@@ -472,6 +495,16 @@ mod avx2 {
         let xq = x.map(|x| x.q.as_ptr());
         for b in 0..w.nb {
             let wq = w.q.as_ptr().add(b * GROUP_BLOCK_BYTES);
+            if stream {
+                // Addresses only (`wrapping_add`: they may lie past the matrix); a prefetch
+                // never faults.
+                let ahead = (b + PREFETCH_BLOCKS) * ROWS;
+                let q = wq.wrapping_add(PREFETCH_BLOCKS * GROUP_BLOCK_BYTES) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(q);
+                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+                _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
+            }
             let mut acc = [_mm256_setzero_si256(); C];
             for chunk in 0..4 {
                 let v = _mm256_loadu_si256(wq.add(chunk * 32) as *const __m256i);
