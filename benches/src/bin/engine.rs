@@ -7,6 +7,9 @@
 //!     --repeat 3 --json results/engine-bench.json
 //! # smoke run in seconds
 //! cargo run -p orchard-bench --bin orchard-engine-bench -- --quick
+//! # llama.cpp measured in the same run (benches/llama-cpp.sh builds its tools once)
+//! cargo run --release -p orchard-bench --bin orchard-engine-bench -- \
+//!     --llama-cpp "$(benches/llama-cpp.sh)"
 //! ```
 //!
 //! The Markdown tables go to stdout, progress to stderr. See [`orchard_bench::engine_bench`]
@@ -16,6 +19,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use orchard_bench::engine_bench::llama_cpp::LlamaCppTools;
 use orchard_bench::engine_bench::{self, EngineBenchConfig, Sizes};
 use orchard_bench::progress::ProgressMode;
 use orchard_common::config::KvCacheDType;
@@ -52,6 +56,10 @@ struct Cli {
     /// No progress bar on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Also measure llama.cpp in this run: the folder holding its `llama-bench` and
+    /// `llama-batched-bench` (benches/llama-cpp.sh builds them and prints the folder).
+    #[arg(long, value_name = "DIR")]
+    llama_cpp: Option<PathBuf>,
 }
 
 /// `--kv-cache-dtype` values.
@@ -73,7 +81,14 @@ fn main() -> Result<()> {
         true => Sizes::quick(),
         false => Sizes::full(),
     };
+    let llama_cpp = cli
+        .llama_cpp
+        .as_deref()
+        .map(LlamaCppTools::in_dir)
+        .transpose()
+        .context("--llama-cpp")?;
     let config = EngineBenchConfig {
+        llama_cpp,
         threads: cli.threads,
         repeat: cli.repeat,
         warmup: cli.warmup,

@@ -20,7 +20,9 @@
 //!   ([`memory`]) over the weight bytes one decode step reads, and Orchard's decode as a
 //!   fraction of it;
 //! - the **seed scenarios S1-S6** ([`crate::scenarios::SEED_SCENARIOS`]) one request at a
-//!   time, with TTFT and decode tok/s from the engine's per-request timings.
+//!   time, with TTFT and decode tok/s from the engine's per-request timings;
+//! - with `--llama-cpp DIR`, **llama.cpp** measured in the same run by its own `llama-bench`
+//!   and `llama-batched-bench` on the same file and thread count ([`llama_cpp`]).
 //!
 //! Prompts are real text ([`crate::prompt::synthetic_prompt`]) encoded with the model's
 //! tokenizer and cut to exact lengths, a different text for every request; the engine also runs
@@ -29,10 +31,11 @@
 //! every request produced what was asked.
 //!
 //! Layout: [`workload`] sizes the runs and makes prompts, [`ours`] drives the engine,
-//! [`baseline`] drives candle's model, [`report`] holds the results, the Markdown table and the
-//! llama.cpp reference figures (given by the task, never measured here).
+//! [`baseline`] drives candle's model, [`llama_cpp`] runs llama.cpp's tools, [`report`] holds
+//! the results, the Markdown table and the llama.cpp reference figures the task gives.
 
 pub mod baseline;
+pub mod llama_cpp;
 pub mod memory;
 pub mod ours;
 pub mod report;
@@ -109,6 +112,14 @@ pub enum EngineBenchError {
     /// Sizes or flags that cannot describe a benchmark.
     #[error("bad argument: {0}")]
     BadArgument(String),
+    /// A llama.cpp tool (`--llama-cpp`) is missing, failed or printed something unreadable.
+    #[error("{tool}: {detail}")]
+    LlamaCpp {
+        /// The tool.
+        tool: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// The JSON report could not be written.
     #[error("cannot write {}: {detail}", path.display())]
     Output {
@@ -137,6 +148,8 @@ pub struct EngineBenchConfig {
     pub sizes: Sizes,
     /// Progress on stderr.
     pub progress: ProgressMode,
+    /// llama.cpp's benchmark tools, measured after the two engines when given.
+    pub llama_cpp: Option<llama_cpp::LlamaCppTools>,
 }
 
 impl EngineBenchConfig {
@@ -150,6 +163,7 @@ impl EngineBenchConfig {
             warmup: 1,
             sizes,
             progress: ProgressMode::Auto,
+            llama_cpp: None,
         }
     }
 
@@ -213,6 +227,17 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchE
     let mut candle = baseline::Baseline::load(&config.model)?;
     let base = baseline::measure(&mut candle, &mut prompts, config, &progress)?;
     drop(candle);
+    let llama = match &config.llama_cpp {
+        Some(tools) => Some(llama_cpp::measure(
+            tools,
+            &config.model,
+            threads,
+            &config.sizes,
+            config.repeat,
+            &progress,
+        )?),
+        None => None,
+    };
     let memory_after = memory::read_bandwidth(threads, probe_bytes);
     progress.finish_and_clear();
     Ok(EngineBenchReport::new(
@@ -235,6 +260,7 @@ pub fn run(config: &EngineBenchConfig) -> Result<EngineBenchReport, EngineBenchE
         },
         measured,
         base,
+        llama,
     ))
 }
 
@@ -248,7 +274,8 @@ fn load_average() -> Option<[f64; 3]> {
 
 /// A bar on stderr counting measured and warm-up runs, hidden in tests.
 fn progress_bar(config: &EngineBenchConfig) -> ProgressBar {
-    let bar = ProgressBar::new(config.sizes.step_count(config.repeat, config.warmup));
+    let llama_steps = if config.llama_cpp.is_some() { 2 } else { 0 };
+    let bar = ProgressBar::new(config.sizes.step_count(config.repeat, config.warmup) + llama_steps);
     match config.progress {
         ProgressMode::Auto => {
             bar.set_draw_target(ProgressDrawTarget::stderr());

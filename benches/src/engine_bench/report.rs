@@ -1,6 +1,7 @@
-//! The engine benchmark's results: what was measured on each engine, the Orchard / candle
-//! ratios, the llama.cpp reference figures (given by the task, never measured by this tool),
-//! the Markdown table printed on stdout and the JSON written with `--json`.
+//! The engine benchmark's results: what was measured on each engine (and on llama.cpp with
+//! `--llama-cpp`), the Orchard / candle and Orchard / llama.cpp ratios, the llama.cpp reference
+//! figures the task gives (never measured by this tool), the Markdown table printed on stdout
+//! and the JSON written with `--json`.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -9,6 +10,7 @@ use orchard_common::config::{KvCacheDType, WorkerConfig};
 use orchard_worker::engine::api::Finished;
 use serde::Serialize;
 
+use super::llama_cpp::LlamaCppResults;
 use super::memory::{decode_roofline, Bandwidth};
 use super::workload::Shape;
 use super::EngineBenchError;
@@ -177,6 +179,45 @@ pub struct Ratios {
     pub decode_roofline_tok_s: f64,
     /// Orchard's single-stream decode / that ceiling.
     pub decode_of_roofline: f64,
+    /// Orchard / llama.cpp measured in this run, when it was.
+    pub llama_cpp: Option<LlamaRatios>,
+}
+
+/// Orchard / llama.cpp, from the means of the same run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LlamaRatios {
+    /// (prompt tokens, ratio) per prefill length.
+    pub prefill: Vec<(usize, f64)>,
+    pub decode: f64,
+    /// (concurrency, ratio) of the aggregate decode.
+    pub aggregate: Vec<(usize, f64)>,
+}
+
+impl LlamaRatios {
+    fn of(orchard: &OrchardResults, llama: &LlamaCppResults) -> Self {
+        let prefill = orchard
+            .prefill
+            .iter()
+            .zip(&llama.prefill)
+            .map(|(o, l)| (o.prompt_tokens, ratio(o.tok_s.mean, l.tok_s.mean)))
+            .collect();
+        let aggregate = orchard
+            .aggregate
+            .iter()
+            .zip(&llama.aggregate)
+            .map(|(o, l)| {
+                (
+                    o.concurrency,
+                    ratio(o.decode_tok_s.mean, l.decode_tok_s.mean),
+                )
+            })
+            .collect();
+        Self {
+            prefill,
+            decode: ratio(orchard.decode.tok_s.mean, llama.decode.tok_s.mean),
+            aggregate,
+        }
+    }
 }
 
 /// The engine settings the run used (defaults except the prefix cache and the KV pool).
@@ -239,12 +280,19 @@ pub struct EngineBenchReport {
     pub orchard: OrchardResults,
     pub candle: CandleResults,
     pub ratios: Ratios,
+    /// llama.cpp measured in this run (`--llama-cpp`), if it was.
+    pub llama_cpp: Option<LlamaCppResults>,
     pub reference: Reference,
 }
 
 impl EngineBenchReport {
     /// Assembles the report and computes the ratios.
-    pub fn new(run: RunInfo, orchard: OrchardResults, candle: CandleResults) -> Self {
+    pub fn new(
+        run: RunInfo,
+        orchard: OrchardResults,
+        candle: CandleResults,
+        llama_cpp: Option<LlamaCppResults>,
+    ) -> Self {
         let prefill = orchard
             .prefill
             .iter()
@@ -254,6 +302,7 @@ impl EngineBenchReport {
         let decode = ratio(orchard.decode.tok_s.mean, candle.decode.tok_s.mean);
         let decode_roofline_tok_s = decode_roofline(run.mean_read_gb_s(), run.weight_bytes);
         let decode_of_roofline = ratio(orchard.decode.tok_s.mean, decode_roofline_tok_s);
+        let llama_ratios = llama_cpp.as_ref().map(|l| LlamaRatios::of(&orchard, l));
         Self {
             run,
             orchard,
@@ -263,7 +312,9 @@ impl EngineBenchReport {
                 decode,
                 decode_roofline_tok_s,
                 decode_of_roofline,
+                llama_cpp: llama_ratios,
             },
+            llama_cpp,
             reference: LLAMA_CPP_REFERENCE,
         }
     }
@@ -315,17 +366,29 @@ impl EngineBenchReport {
     }
 
     fn speed_table(&self, md: &mut String) {
-        md.push_str(
-            "| Measurement | Orchard | candle baseline | Orchard / candle \
-             | llama.cpp (reference†) | Orchard / reference† |\n\
-             |---|---:|---:|---:|---:|---:|\n",
-        );
+        let llama = self.llama_cpp.as_ref();
+        md.push_str("| Measurement | Orchard | candle baseline | Orchard / candle ");
+        if llama.is_some() {
+            md.push_str("| llama.cpp (this run) | Orchard / llama.cpp ");
+        }
+        md.push_str("| llama.cpp (reference†) | Orchard / reference† |\n|---|---:|---:|---:|");
+        if llama.is_some() {
+            md.push_str("---:|---:|");
+        }
+        md.push_str("---:|---:|\n");
         let reference = &self.reference;
-        for (o, c) in self.orchard.prefill.iter().zip(&self.candle.prefill) {
+        for (i, (o, c)) in self
+            .orchard
+            .prefill
+            .iter()
+            .zip(&self.candle.prefill)
+            .enumerate()
+        {
             let row = Row {
                 name: format!("Prefill, {}-token prompt (tok/s)", o.prompt_tokens),
                 ours: o.tok_s.mean,
                 candle: Some(c.tok_s.mean),
+                llama: llama.map(|l| l.prefill.get(i).map(|p| p.tok_s.mean)),
                 reference: Some(reference.prompt_tok_s),
             };
             row.write(md);
@@ -335,10 +398,11 @@ impl EngineBenchReport {
             name: format!("Decode, 1 stream, {} tokens (tok/s)", d.shape.output_tokens),
             ours: d.tok_s.mean,
             candle: Some(self.candle.decode.tok_s.mean),
+            llama: llama.map(|l| Some(l.decode.tok_s.mean)),
             reference: Some(reference.decode_tok_s),
         }
         .write(md);
-        for a in &self.orchard.aggregate {
+        for (i, a) in self.orchard.aggregate.iter().enumerate() {
             Row {
                 name: format!(
                     "Aggregate decode, {} seq x {} tokens (tok/s; end-to-end {:.1})",
@@ -346,6 +410,7 @@ impl EngineBenchReport {
                 ),
                 ours: a.decode_tok_s.mean,
                 candle: None,
+                llama: llama.map(|l| l.aggregate.get(i).map(|g| g.decode_tok_s.mean)),
                 reference: (a.concurrency == 16).then_some(reference.aggregate_16_tok_s),
             }
             .write(md);
@@ -360,6 +425,21 @@ impl EngineBenchReport {
             self.ratios.decode_roofline_tok_s,
             self.ratios.decode_of_roofline * 100.0,
         );
+        if let Some(l) = llama {
+            let _ = writeln!(
+                md,
+                "\nllama.cpp (this run): {}, {} threads, {} KV cache, its own defaults \
+                 otherwise; prefill and single-stream decode from `llama-bench` (pp, tg), \
+                 aggregate decode from `llama-batched-bench` (S_TG), {} repetition(s) each, \
+                 run after Orchard and candle.",
+                l.source
+                    .clone()
+                    .unwrap_or_else(|| format!("build {}", l.build_commit)),
+                l.threads,
+                l.kv_cache_type,
+                l.decode.tok_s.runs,
+            );
+        }
         let _ = writeln!(
             md,
             "\n† {}: prompt {} tok/s, decode {} tok/s, 16-stream aggregate {} tok/s. \
@@ -397,6 +477,8 @@ struct Row {
     name: String,
     ours: f64,
     candle: Option<f64>,
+    /// `None`: no llama.cpp columns; `Some(None)`: llama.cpp has no such figure.
+    llama: Option<Option<f64>>,
     reference: Option<f64>,
 }
 
@@ -405,15 +487,22 @@ impl Row {
         let figure = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
         let times =
             |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.2}x", ratio(self.ours, v)));
-        let _ = writeln!(
+        let _ = write!(
             md,
-            "| {} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.1} | {} | {} |",
             self.name,
             self.ours,
             figure(self.candle),
             times(self.candle),
+        );
+        if let Some(llama) = self.llama {
+            let _ = write!(md, " {} | {} |", figure(llama), times(llama));
+        }
+        let _ = writeln!(
+            md,
+            " {} | {} |",
             figure(self.reference),
-            times(self.reference),
+            times(self.reference)
         );
     }
 }
@@ -485,7 +574,7 @@ mod tests {
             weight_bytes: 100_000_000,
             engine: EngineSettings::of(&WorkerConfig::default()),
         };
-        EngineBenchReport::new(run, orchard, candle)
+        EngineBenchReport::new(run, orchard, candle, None)
     }
 
     #[test]
@@ -522,6 +611,73 @@ mod tests {
         );
         assert!(md.contains("| 140.0 | - | - | 280.0 | 0.50x |"));
         assert!(md.contains("reference, measured separately"));
+    }
+
+    #[test]
+    fn llama_cpp_measured_in_the_run_gets_its_own_columns_and_ratios() {
+        use crate::engine_bench::llama_cpp::{LlamaAggregate, LlamaDecode, LlamaPrefill};
+        let plain = fixture();
+        assert!(!plain.to_markdown().contains("llama.cpp (this run)"));
+        let llama = LlamaCppResults {
+            source: None,
+            build_commit: "abc1234".into(),
+            kv_cache_type: "f16".into(),
+            threads: 2,
+            prefill: vec![LlamaPrefill {
+                prompt_tokens: 128,
+                tok_s: stat(400.0),
+            }],
+            decode: LlamaDecode {
+                output_tokens: 128,
+                tok_s: stat(25.0),
+            },
+            aggregate: vec![LlamaAggregate {
+                concurrency: 16,
+                prompt_tokens: 16,
+                output_tokens: 128,
+                decode_tok_s: stat(70.0),
+            }],
+        };
+        let report = EngineBenchReport::new(
+            plain.run.clone(),
+            plain.orchard.clone(),
+            plain.candle.clone(),
+            Some(llama),
+        );
+        let ratios = report.ratios.llama_cpp.clone();
+        assert_eq!(
+            ratios,
+            Some(LlamaRatios {
+                prefill: vec![(128, 0.5)],
+                decode: 2.0,
+                aggregate: vec![(16, 2.0)],
+            })
+        );
+        let md = report.to_markdown();
+        assert!(
+            md.contains("| llama.cpp (this run) | Orchard / llama.cpp |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 200.0 | 100.0 | 2.00x | 400.0 | 0.50x | 1650.0 | 0.12x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 50.0 | 100.0 | 0.50x | 25.0 | 2.00x | 265.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 140.0 | - | - | 70.0 | 2.00x | 280.0 | 0.50x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("build abc1234, 2 threads, f16 KV cache"),
+            "{md}"
+        );
+        // Every row has as many cells as the header.
+        let cells = |line: &str| line.matches('|').count();
+        let table: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).take(4).collect();
+        assert!(table.iter().all(|l| cells(l) == cells(table[0])), "{md}");
     }
 
     #[test]
