@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's benchmark tools (llama-bench, llama-batched-bench) for CPU, so that
-# `orchard-engine-bench --llama-cpp DIR` can measure llama.cpp in the same run as Orchard.
+# `orchard-engine-bench --llama-cpp DIR` can measure llama.cpp in the same run as Orchard;
+# with --server also its OpenAI-compatible `llama-server` (for benches/compare-servers.sh).
 #
 # The sources are the llama.cpp tree that the PyPI sdist of llama-cpp-python vendors (a
 # machine that reaches only package registries has no other route to them), pinned by version
@@ -8,9 +9,15 @@
 # instruction set) and OpenMP, the defaults of its README.
 #
 # Prints the folder holding the two tools on stdout; progress goes to stderr. Idempotent: a
-# second run only prints the folder. Takes ~6 minutes on 2 cores.
+# second run only prints the folder. Takes ~5 minutes on 2 cores (more with --server).
 #   ORCHARD_CACHE   cache folder (default: ~/.cache/orchard)
 set -euo pipefail
+targets=(llama-bench llama-batched-bench)
+case "${1:-}" in
+  "") ;;
+  --server) targets+=(llama-server) ;;
+  *) echo "usage: $0 [--server]" >&2; exit 2 ;;
+esac
 version=0.3.36
 sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 url="https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-$version.tar.gz"
@@ -21,7 +28,9 @@ build="$root/build"
 bin="$build/bin"
 # llama-cpp-python 0.3.36 vendors this llama.cpp commit (its CHANGELOG); the benchmark reports it.
 source_note="llama.cpp 0c1e57098 (vendored by llama-cpp-python $version)"
-if [[ -x "$bin/llama-bench" && -x "$bin/llama-batched-bench" && -f "$bin/orchard-source.txt" ]]; then
+built=1
+for target in "${targets[@]}"; do [[ -x "$bin/$target" ]] || built=0; done
+if ((built)) && [[ -f "$bin/orchard-source.txt" ]]; then
   echo "$bin"
   exit 0
 fi
@@ -52,9 +61,11 @@ PY
   mv "$tmp/llama_cpp_python-$version/vendor/llama.cpp" "$src"
 fi
 echo "configuring llama.cpp (release, GGML_NATIVE)..." >&2
+server=OFF
+[[ " ${targets[*]} " == *" llama-server "* ]] && server=ON
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-echo "building llama-bench and llama-batched-bench..." >&2
-cmake --build "$build" -j "$(nproc)" --target llama-bench llama-batched-bench >&2
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER="$server" >&2
+echo "building ${targets[*]}..." >&2
+cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" >&2
 echo "$source_note" > "$bin/orchard-source.txt"
 echo "$bin"

@@ -36,8 +36,13 @@ impl OpenAiClient {
     /// Checks the server answers `GET /v1/models` and picks the model (the given one, else
     /// the first listed).
     pub(super) async fn connect(base_url: &str, opts: &ConnectOptions) -> Result<Self, String> {
+        // A fresh connection per request: a pooled keep-alive connection that the server closes
+        // just as the next request goes out fails that request ("connection closed before
+        // message completed"; llama.cpp's server did so to 1 of 8 sequential requests). A
+        // loopback connect costs far less than the run's timing resolution matters.
         let http = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| e.to_string())?;
         let url = format!("{base_url}/v1/models");
