@@ -49,13 +49,23 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# Waits until GET $1 answers 200 with a body containing $2 (up to 10 minutes).
+# Waits until GET $1 answers 200 with a body containing $2 (up to 10 minutes); fails at once if
+# one of the processes $3... (the server being started) has exited.
 wait_for() {
-  "$python" - "$1" "$2" <<'PY'
-import sys, time, urllib.request
-url, needle = sys.argv[1], sys.argv[2]
+  "$python" - "$@" <<'PY'
+import os, sys, time, urllib.request
+url, needle, pids = sys.argv[1], sys.argv[2], [int(p) for p in sys.argv[3:]]
 deadline = time.time() + 600
 while time.time() < deadline:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            # A zombie (exited, not yet reaped) still answers kill(0).
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    raise ProcessLookupError
+        except (ProcessLookupError, FileNotFoundError):
+            sys.exit(f"process {pid} exited before {url} was ready (its log follows)")
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             if r.status == 200 and needle in r.read().decode():
@@ -90,7 +100,7 @@ TOML
   pids+=($!)
   "$bin/orchard-router" --config "$tmp/router.toml" >"$tmp/orchard-router.log" 2>&1 &
   pids+=($!)
-  wait_for "http://127.0.0.1:$http/v1/orchard/workers" '"healthy"'
+  wait_for "http://127.0.0.1:$http/v1/orchard/workers" '"healthy"' "${pids[@]}"
   target="http://127.0.0.1:$http"
 }
 
@@ -101,7 +111,7 @@ start_llama() {
   "$llama_bin/llama-server" -m "$model" -t "$threads" -np 16 -c 4096 \
     --host 127.0.0.1 --port "$port" >"$tmp/llama-server.log" 2>&1 &
   pids+=($!)
-  wait_for "http://127.0.0.1:$port/health" 'ok'
+  wait_for "http://127.0.0.1:$port/health" 'ok' "${pids[@]}"
   target="http://127.0.0.1:$port"
 }
 
