@@ -63,6 +63,12 @@ pub(crate) struct TileOut<'o, 'r> {
 }
 
 impl TileOut<'_, '_> {
+    /// Token `ti`'s output columns `tile.rows`.
+    #[inline]
+    pub fn row_mut(&mut self, ti: usize) -> &mut [f32] {
+        self.tokens[ti - self.tile.tokens.start]
+    }
+
     /// Stores the products of weight rows `r..r + values.len()` with token `ti`.
     #[inline]
     pub fn put(&mut self, r: usize, ti: usize, values: &[f32]) {

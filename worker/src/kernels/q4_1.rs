@@ -273,6 +273,19 @@ impl Q4_1Matrix {
         };
         par_rows(job, out, |mut o: TileOut<'_, '_>| {
             let tile = o.tile.clone();
+            if tile.tokens.len() < TOKENS {
+                // Fewer tokens than a token chunk (a decode step, or the end of a prefill):
+                // each token against all of the tile's row groups in one kernel call, the
+                // first token's pass streaming the weights from memory. One call per tile
+                // instead of one per row group: the Q4_1 layers at one token (random weights
+                // in the default model's shapes, 2 threads, 60 paired rounds) took a median
+                // 2.385 ms against 2.429, less in 39 rounds.
+                for ti in tile.tokens.clone() {
+                    let stream = ti == 0;
+                    kernel.dot_rows_1(self, &tile.rows, act.row(ti), stream, o.row_mut(ti));
+                }
+                return;
+            }
             // Tasks start on group boundaries (`ROW_ALIGN`); the last may end mid-group.
             for g in tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS) {
                 let w = self.group(g);
@@ -380,6 +393,45 @@ impl Isa {
     }
 }
 
+impl Isa {
+    /// Token row `x` against weight rows `rows` of `m` (starting on a group boundary), into
+    /// `out` (`rows.len()` values): what [`Self::dot_group`] gives group by group, in one call.
+    fn dot_rows_1(
+        self,
+        m: &Q4_1Matrix,
+        rows: &std::ops::Range<usize>,
+        x: XRow<'_>,
+        stream: bool,
+        out: &mut [f32],
+    ) {
+        assert!(
+            rows.start.is_multiple_of(ROWS) && rows.end <= m.n_out && out.len() == rows.len(),
+            "Q4_1 dot: rows {rows:?} of {} into {} outputs",
+            m.n_out,
+            out.len()
+        );
+        let groups = rows.start / ROWS..rows.end.div_ceil(ROWS);
+        // Every group of `m` has the same lengths: checking one checks all.
+        if let Some(g) = groups.clone().next() {
+            assert!(x.fits(&m.group(g)), "Q4_1 dot: mismatched row lengths");
+        }
+        match self {
+            Kernel::Scalar => {
+                for (i, g) in groups.enumerate() {
+                    let w = m.group(g);
+                    for (lane, o) in out[i * ROWS..].iter_mut().take(ROWS).enumerate() {
+                        *o = dot_scalar(w, lane, x);
+                    }
+                }
+            }
+            // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma and
+            // f16c; the row lengths were checked above, `out` holds one value per row.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::dot_rows_1(m, groups, x, stream, out) },
+        }
+    }
+}
+
 /// The 4-bit weight `j` of block `b` of row `lane` in an interleaved group.
 fn nibble(w: WGroup<'_>, b: usize, lane: usize, j: usize) -> i32 {
     let jj = j % 16;
@@ -403,7 +455,7 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{WGroup, XRow, GROUP_BLOCK_BYTES, PREFETCH_BLOCKS, QK, ROWS};
+    use super::{Q4_1Matrix, WGroup, XRow, GROUP_BLOCK_BYTES, PREFETCH_BLOCKS, QK, ROWS};
     use std::arch::x86_64::*;
 
     /// Eight f16 values widened to f32.
@@ -484,6 +536,7 @@ mod avx2 {
     ///
     /// SAFETY: caller must ensure avx2 and f16c are available and every `x.fits(&w)`.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
     pub(super) unsafe fn dot_group<const C: usize>(
         w: WGroup<'_>,
         x: [XRow<'_>; C],
@@ -533,6 +586,26 @@ mod avx2 {
             _mm256_storeu_ps(lanes.as_mut_ptr(), v);
             lanes
         })
+    }
+
+    /// Row groups `groups` of `m` against one token, into `out` (lane `r` of the `i`th group
+    /// at `out[i * ROWS + r]`, the last group's lanes cut to `out`'s length).
+    ///
+    /// SAFETY: caller must ensure avx2, fma and f16c and that `x` fits `m`'s groups.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_1(
+        m: &Q4_1Matrix,
+        groups: std::ops::Range<usize>,
+        x: XRow<'_>,
+        stream: bool,
+        out: &mut [f32],
+    ) {
+        for (i, g) in groups.enumerate() {
+            let [lanes] = dot_group::<1>(m.group(g), [x], stream);
+            let dst = &mut out[i * ROWS..];
+            let n = dst.len().min(ROWS);
+            dst[..n].copy_from_slice(&lanes[..n]);
+        }
     }
 }
 
