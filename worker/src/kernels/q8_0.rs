@@ -137,7 +137,18 @@ impl Q8_0Matrix {
         };
         let row = |r: usize| (&self.d[r * nb..(r + 1) * nb], &self.q[r * k..(r + 1) * k]);
         let x = |ti: usize| (&act.d[ti * nb..(ti + 1) * nb], &act.q[ti * k..(ti + 1) * k]);
-        par_rows(job, out, |o: TileOut<'_, '_>| {
+        par_rows(job, out, |mut o: TileOut<'_, '_>| {
+            if o.tile.tokens.len() == 1 {
+                // One token (a decode step's LM head): all of the tile's rows in one kernel
+                // call rather than one per row group.
+                let (rows, ti) = (o.tile.rows.clone(), o.tile.tokens.start);
+                let (d, q) = (
+                    &self.d[rows.start * nb..rows.end * nb],
+                    &self.q[rows.start * k..rows.end * k],
+                );
+                isa.dot_row_run_q8_0((d, q), x(ti), o.row_mut(ti));
+                return;
+            }
             fill_tile(
                 o,
                 |r, ti| isa.dot_rows_q8_0([row(r), row(r + 1), row(r + 2), row(r + 3)], x(ti)),
@@ -167,6 +178,28 @@ impl Isa {
     }
 }
 
+impl Isa {
+    /// Dot products of consecutive weight rows `w` (`out.len()` of them) with one activation
+    /// row, into `out`: each row as [`Self::dot_rows_q8_0`] computes it, in one call.
+    fn dot_row_run_q8_0(self, w: Row<'_>, x: Row<'_>, out: &mut [f32]) {
+        let nb = x.0.len();
+        assert!(
+            x.1.len() == nb * QK && w.0.len() == out.len() * nb && w.1.len() == out.len() * nb * QK,
+            "Q8_0 dot: mismatched row lengths"
+        );
+        match self {
+            Isa::Scalar => {
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o = dot_scalar((&w.0[r * nb..][..nb], &w.1[r * nb * QK..][..nb * QK]), x);
+                }
+            }
+            // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::dot_row_run(w, x, out) },
+        }
+    }
+}
+
 /// Portable Q8_0 · Q8_0 row dot product.
 fn dot_scalar((wd, wq): (&[f32], &[i8]), (xd, xq): (&[f32], &[i8])) -> f32 {
     let mut acc = 0f32;
@@ -184,7 +217,37 @@ fn dot_scalar((wd, wq): (&[f32], &[i8]), (xd, xq): (&[f32], &[i8])) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Row, QK};
+    use crate::kernels::ROW_GROUP;
     use std::arch::x86_64::*;
+
+    // `dot_row_run` passes groups of four rows.
+    const _: () = assert!(ROW_GROUP == 4);
+
+    /// `out.len()` consecutive weight rows (`w`) against one activation row: [`dot_rows`] on
+    /// each group of [`ROW_GROUP`] rows, then on the remaining rows one at a time.
+    ///
+    /// SAFETY: caller ensures avx2 and fma, `x.1.len() == 32 * x.0.len()`, and that `w` holds
+    /// `out.len()` rows of that size.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_row_run(w: Row<'_>, x: Row<'_>, out: &mut [f32]) {
+        let (nb, k) = (x.0.len(), x.1.len());
+        let row = |r: usize| -> Row<'_> {
+            (
+                w.0.get_unchecked(r * nb..(r + 1) * nb),
+                w.1.get_unchecked(r * k..(r + 1) * k),
+            )
+        };
+        let groups = out.len() / ROW_GROUP;
+        for g in 0..groups {
+            let r = g * ROW_GROUP;
+            let res = dot_rows([row(r), row(r + 1), row(r + 2), row(r + 3)], x);
+            out.get_unchecked_mut(r..r + ROW_GROUP)
+                .copy_from_slice(&res);
+        }
+        for r in groups * ROW_GROUP..out.len() {
+            *out.get_unchecked_mut(r) = dot_rows([row(r)], x)[0];
+        }
+    }
 
     /// AVX2 + FMA dot products of `R` Q8_0 weight rows with one Q8_0 activation row; each
     /// row's accumulator sees the same operations whatever `R` is.
@@ -192,6 +255,7 @@ mod avx2 {
     /// SAFETY: caller ensures avx2 and fma, and that every row has `x.0.len()` scales and
     /// `32 * x.0.len()` values, like `x`.
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     pub(super) unsafe fn dot_rows<const R: usize>(w: [Row<'_>; R], x: Row<'_>) -> [f32; R] {
         let (xd, xq) = x;
         let (wd, wq) = (w.map(|w| w.0.as_ptr()), w.map(|w| w.1.as_ptr()));
@@ -298,6 +362,12 @@ mod tests {
     #[test]
     fn matches_candle_several_rows() -> Result<()> {
         check(5, 96, 40)
+    }
+
+    #[test]
+    fn matches_candle_one_token_rows_not_a_multiple_of_four() -> Result<()> {
+        // One token takes the single-call path; 43 rows end in a run of 3 single rows.
+        check(1, 96, 43)
     }
 
     #[test]
