@@ -391,9 +391,7 @@ impl Isa {
             Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream) },
         }
     }
-}
 
-impl Isa {
     /// Token row `x` against weight rows `rows` of `m` (starting on a group boundary), into
     /// `out` (`rows.len()` values): what [`Self::dot_group`] gives group by group, in one call.
     fn dot_rows_1(

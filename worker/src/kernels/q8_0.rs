@@ -176,9 +176,7 @@ impl Isa {
             Isa::Avx2 => unsafe { avx2::dot_rows(w, x) },
         }
     }
-}
 
-impl Isa {
     /// Dot products of consecutive weight rows `w` (`out.len()` of them) with one activation
     /// row, into `out`: each row as [`Self::dot_rows_q8_0`] computes it, in one call.
     fn dot_row_run_q8_0(self, w: Row<'_>, x: Row<'_>, out: &mut [f32]) {
