@@ -21,6 +21,11 @@
 //!   tokens share the step either (batch invariance);
 //! - scales and mins stay f16, eight per block and group, widened with F16C.
 //!
+//! On CPUs with AVX-512 VNNI (AMD Zen 4, Intel Ice Lake and later) the integer core uses
+//! `vpdpbusd` on 256-bit registers, which multiplies and accumulates four byte pairs into a
+//! 32-bit lane in one instruction where AVX2 needs a `maddubs` and an add; the sums are the
+//! same integers, so the results are the same bits.
+//!
 //! The activation quantization mirrors candle's `BlockQ8_1::from_float` bit for bit
 //! (including the f16 rounding of `d` and `s`).
 
@@ -364,10 +369,47 @@ impl XRow<'_> {
     }
 }
 
-/// The instruction set this kernel runs with.
-type Kernel = Isa;
+/// The instruction set this kernel runs with: [`Isa`]'s, and on x86-64 CPUs with AVX-512
+/// VNNI (AMD Zen 4, Intel Ice Lake and later) a faster integer core; all give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
 
-impl Isa {
+impl Kernel {
+    /// The best kernel this CPU runs (the feature answers are cached by `std`).
+    fn detect() -> Self {
+        match Isa::detect() {
+            Isa::Scalar => Kernel::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2
+                if is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl") =>
+            {
+                Kernel::Vnni
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Kernel::Avx2,
+        }
+    }
+
+    /// Every kernel this CPU can run, the portable one first (for tests).
+    #[cfg(test)]
+    fn all_available() -> Vec<Self> {
+        let mut all = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        match Kernel::detect() {
+            Kernel::Scalar => {}
+            Kernel::Avx2 => all.push(Kernel::Avx2),
+            Kernel::Vnni => all.extend([Kernel::Avx2, Kernel::Vnni]),
+        }
+        all
+    }
+
     /// One row group against tokens `ti..ti + C`: `[token][row lane]`. With `stream`, the
     /// weights [`PREFETCH_BLOCKS`] ahead are prefetched (the pass that reads them from memory).
     #[inline]
@@ -389,6 +431,9 @@ impl Isa {
             // f16c; every row's lengths were checked above.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream) },
+            // SAFETY: `Vnni` additionally requires avx512vl and avx512vnni, detected.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x, stream) },
         }
     }
 
@@ -426,6 +471,9 @@ impl Isa {
             // f16c; the row lengths were checked above, `out` holds one value per row.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dot_rows_1(m, groups, x, stream, out) },
+            // SAFETY: `Vnni` additionally requires avx512vl and avx512vnni, detected.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => unsafe { avx2::dot_rows_1_vnni(m, groups, x, stream, out) },
         }
     }
 }
@@ -527,23 +575,80 @@ mod avx2 {
         _mm256_set1_epi32((p as *const i32).read_unaligned())
     }
 
+    /// The integer core of a block: for each of `C` tokens, the eight rows' exact `sumi`
+    /// (one per 32-bit lane) of one interleaved block against the token's 32 int8 values.
+    /// The two implementations give the same integers, so the same bits downstream.
+    trait BlockSums {
+        /// SAFETY: caller ensures the instruction set, 128 readable weight bytes at `wq` and
+        /// 32 readable activation bytes at every `xq[c]`.
+        unsafe fn sums<const C: usize>(wq: *const u8, xq: [*const i8; C]) -> [__m256i; C];
+    }
+
+    /// AVX2: `maddubs` (unsigned nibbles × signed activations, pairs summed to 16 bits; no
+    /// overflow, module docs), 16-bit adds, one `madd` to 32 bits per block.
+    pub(super) struct Maddubs;
+
+    impl BlockSums for Maddubs {
+        #[inline(always)]
+        unsafe fn sums<const C: usize>(wq: *const u8, xq: [*const i8; C]) -> [__m256i; C] {
+            let mask = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_si256(); C];
+            for chunk in 0..4 {
+                let v = _mm256_loadu_si256(wq.add(chunk * 32) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for c in 0..C {
+                    let xp = xq[c].add(4 * chunk);
+                    let p_lo = _mm256_maddubs_epi16(lo, quad(xp));
+                    let p_hi = _mm256_maddubs_epi16(hi, quad(xp.add(16)));
+                    acc[c] = _mm256_add_epi16(acc[c], _mm256_add_epi16(p_lo, p_hi));
+                }
+            }
+            acc.map(|a| _mm256_madd_epi16(a, _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// AVX-512 VNNI on 256-bit registers: `vpdpbusd` multiplies four unsigned nibbles by four
+    /// signed activations and adds them straight into a 32-bit lane, one instruction where
+    /// AVX2 needs a `maddubs` and an add (and a final `madd`). Two accumulators per token
+    /// (low and high nibbles) keep the dependency chains short.
+    pub(super) struct Dpbusd;
+
+    impl BlockSums for Dpbusd {
+        #[inline(always)]
+        unsafe fn sums<const C: usize>(wq: *const u8, xq: [*const i8; C]) -> [__m256i; C] {
+            let mask = _mm256_set1_epi8(0x0F);
+            let mut lo_acc = [_mm256_setzero_si256(); C];
+            let mut hi_acc = [_mm256_setzero_si256(); C];
+            for chunk in 0..4 {
+                let v = _mm256_loadu_si256(wq.add(chunk * 32) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for c in 0..C {
+                    let xp = xq[c].add(4 * chunk);
+                    lo_acc[c] = _mm256_dpbusd_epi32(lo_acc[c], lo, quad(xp));
+                    hi_acc[c] = _mm256_dpbusd_epi32(hi_acc[c], hi, quad(xp.add(16)));
+                }
+            }
+            std::array::from_fn(|c| _mm256_add_epi32(lo_acc[c], hi_acc[c]))
+        }
+    }
+
     /// One group of eight rows against `C` tokens; lane `r` of token `c`'s result is row
     /// `r`'s dot product, computed in candle's operation order (module docs). With `stream`,
     /// each block prefetches the weights [`PREFETCH_BLOCKS`] blocks ahead (past this group's
-    /// end: the next group's, which follow in memory).
+    /// end: the next group's, which follow in memory). Inlined into the instruction set's
+    /// entry points below.
     ///
-    /// SAFETY: caller must ensure avx2 and f16c are available and every `x.fits(&w)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    pub(super) unsafe fn dot_group<const C: usize>(
+    /// SAFETY: caller must ensure avx2, f16c and `S`'s instructions are available and every
+    /// `x.fits(&w)`.
+    #[inline(always)]
+    unsafe fn group_with<S: BlockSums, const C: usize>(
         w: WGroup<'_>,
         x: [XRow<'_>; C],
         stream: bool,
     ) -> [[f32; ROWS]; C] {
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut sumf = [_mm256_setzero_ps(); C];
-        let xq = x.map(|x| x.q.as_ptr());
         for b in 0..w.nb {
             let wq = w.q.as_ptr().add(b * GROUP_BLOCK_BYTES);
             if stream {
@@ -556,22 +661,11 @@ mod avx2 {
                 _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
             }
-            let mut acc = [_mm256_setzero_si256(); C];
-            for chunk in 0..4 {
-                let v = _mm256_loadu_si256(wq.add(chunk * 32) as *const __m256i);
-                let lo = _mm256_and_si256(v, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                for c in 0..C {
-                    let xp = xq[c].add(b * QK + 4 * chunk);
-                    let p_lo = _mm256_maddubs_epi16(lo, quad(xp));
-                    let p_hi = _mm256_maddubs_epi16(hi, quad(xp.add(16)));
-                    acc[c] = _mm256_add_epi16(acc[c], _mm256_add_epi16(p_lo, p_hi));
-                }
-            }
+            let sums = S::sums(wq, x.map(|x| x.q.as_ptr().add(b * QK)));
             let dw = widen(w.d.as_ptr().add(b * ROWS));
             let mw = widen(w.m.as_ptr().add(b * ROWS));
             for c in 0..C {
-                let sumi = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[c], ones));
+                let sumi = _mm256_cvtepi32_ps(sums[c]);
                 let dx = _mm256_set1_ps(*x[c].d.get_unchecked(b));
                 let sx = _mm256_set1_ps(*x[c].s.get_unchecked(b));
                 let scaled = _mm256_mul_ps(_mm256_mul_ps(sumi, dw), dx);
@@ -589,6 +683,37 @@ mod avx2 {
     /// Row groups `groups` of `m` against one token, into `out` (lane `r` of the `i`th group
     /// at `out[i * ROWS + r]`, the last group's lanes cut to `out`'s length).
     ///
+    /// SAFETY: as [`group_with`], and `x` fits `m`'s groups.
+    #[inline(always)]
+    unsafe fn rows_1_with<S: BlockSums>(
+        m: &Q4_1Matrix,
+        groups: std::ops::Range<usize>,
+        x: XRow<'_>,
+        stream: bool,
+        out: &mut [f32],
+    ) {
+        for (i, g) in groups.enumerate() {
+            let [lanes] = group_with::<S, 1>(m.group(g), [x], stream);
+            let dst = &mut out[i * ROWS..];
+            let n = dst.len().min(ROWS);
+            dst[..n].copy_from_slice(&lanes[..n]);
+        }
+    }
+
+    /// [`group_with`] with AVX2.
+    ///
+    /// SAFETY: caller must ensure avx2, fma and f16c and every `x.fits(&w)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_group<const C: usize>(
+        w: WGroup<'_>,
+        x: [XRow<'_>; C],
+        stream: bool,
+    ) -> [[f32; ROWS]; C] {
+        group_with::<Maddubs, C>(w, x, stream)
+    }
+
+    /// [`rows_1_with`] with AVX2.
+    ///
     /// SAFETY: caller must ensure avx2, fma and f16c and that `x` fits `m`'s groups.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows_1(
@@ -598,12 +723,35 @@ mod avx2 {
         stream: bool,
         out: &mut [f32],
     ) {
-        for (i, g) in groups.enumerate() {
-            let [lanes] = dot_group::<1>(m.group(g), [x], stream);
-            let dst = &mut out[i * ROWS..];
-            let n = dst.len().min(ROWS);
-            dst[..n].copy_from_slice(&lanes[..n]);
-        }
+        rows_1_with::<Maddubs>(m, groups, x, stream, out)
+    }
+
+    /// [`group_with`] with AVX-512 VNNI.
+    ///
+    /// SAFETY: caller must ensure avx2, fma, f16c, avx512vl and avx512vnni and every
+    /// `x.fits(&w)`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot_group_vnni<const C: usize>(
+        w: WGroup<'_>,
+        x: [XRow<'_>; C],
+        stream: bool,
+    ) -> [[f32; ROWS]; C] {
+        group_with::<Dpbusd, C>(w, x, stream)
+    }
+
+    /// [`rows_1_with`] with AVX-512 VNNI.
+    ///
+    /// SAFETY: caller must ensure avx2, fma, f16c, avx512vl and avx512vnni and that `x`
+    /// fits `m`'s groups.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot_rows_1_vnni(
+        m: &Q4_1Matrix,
+        groups: std::ops::Range<usize>,
+        x: XRow<'_>,
+        stream: bool,
+        out: &mut [f32],
+    ) {
+        rows_1_with::<Dpbusd>(m, groups, x, stream, out)
     }
 }
 
@@ -671,9 +819,11 @@ mod tests {
         assert_eq!(got, reference, "t={t} k={k} n={n}");
 
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut scalar = vec![0f32; t * n];
-        ours.matmul_with(&xs, t, &mut scalar, Kernel::Scalar);
-        assert_eq!(scalar, reference, "scalar t={t} k={k} n={n}");
+        for kernel in Kernel::all_available() {
+            let mut each = vec![0f32; t * n];
+            ours.matmul_with(&xs, t, &mut each, kernel);
+            assert_eq!(each, reference, "{kernel:?} t={t} k={k} n={n}");
+        }
         Ok(())
     }
 
@@ -708,9 +858,11 @@ mod tests {
         let err = max_rel_err(&got, &reference);
         assert!(err < 1e-2, "vs dequantized: rel err {err}");
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut scalar = vec![0f32; t * n];
-        ours.matmul_with(&xs, t, &mut scalar, Kernel::Scalar);
-        assert_eq!(got, scalar, "simd vs scalar");
+        for kernel in Kernel::all_available() {
+            let mut each = vec![0f32; t * n];
+            ours.matmul_with(&xs, t, &mut each, kernel);
+            assert_eq!(got, each, "{kernel:?} against the detected kernel");
+        }
         Ok(())
     }
 
@@ -722,7 +874,7 @@ mod tests {
         let qt = QTensor::quantize(&random((n, k), 21), GgmlDType::Q4_1)?;
         let ours = Q4_1Matrix::from_qtensor(&qt)?;
         let xs = random((t, k), 22).flatten_all()?.to_vec1::<f32>()?;
-        for kernel in [Kernel::Scalar, Kernel::detect()] {
+        for kernel in Kernel::all_available() {
             let mut all = vec![0f32; t * n];
             ours.matmul_with(&xs, t, &mut all, kernel);
             for ti in 0..t {
