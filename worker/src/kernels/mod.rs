@@ -69,6 +69,21 @@ impl TileOut<'_, '_> {
         self.tokens[ti - self.tile.tokens.start]
     }
 
+    /// Tokens `ti..ti + C`'s output columns for weight rows `rows` (inside the tile), one
+    /// slice per token, so a kernel can store a group of rows for several tokens in place.
+    #[inline]
+    pub fn columns_mut<const C: usize>(
+        &mut self,
+        ti: usize,
+        rows: &std::ops::Range<usize>,
+    ) -> [&mut [f32]; C] {
+        let at = rows.start - self.tile.rows.start;
+        let mut tokens = self.tokens[ti - self.tile.tokens.start..]
+            .iter_mut()
+            .map(|t| &mut t[at..at + rows.len()]);
+        std::array::from_fn(|_| tokens.next().expect("invariant: C tokens left in the tile"))
+    }
+
     /// Stores the products of weight rows `r..r + values.len()` with token `ti`.
     #[inline]
     pub fn put(&mut self, r: usize, ti: usize, values: &[f32]) {

@@ -306,36 +306,16 @@ impl Q4_1Matrix {
                     // later ones find them in cache.
                     let stream = ti == 0;
                     match n {
-                        TOKENS => write_group(
-                            kernel.dot_group::<TOKENS>(w, act, ti, stream),
-                            &rows,
-                            ti,
-                            &mut o,
-                        ),
-                        _ => write_group(
-                            kernel.dot_group::<1>(w, act, ti, stream),
-                            &rows,
-                            ti,
-                            &mut o,
-                        ),
+                        TOKENS => {
+                            let out = o.columns_mut::<TOKENS>(ti, &rows);
+                            kernel.dot_group(w, act, ti, stream, out);
+                        }
+                        _ => kernel.dot_group(w, act, ti, stream, o.columns_mut::<1>(ti, &rows)),
                     }
                     ti += n;
                 }
             }
         });
-    }
-}
-
-/// Writes the results of one row group (lane = row within the group; `rows` may end
-/// mid-group) for `C` tokens from `ti`.
-fn write_group<const C: usize>(
-    res: [[f32; ROWS]; C],
-    rows: &std::ops::Range<usize>,
-    ti: usize,
-    o: &mut TileOut<'_, '_>,
-) {
-    for (c, lanes) in res.iter().enumerate() {
-        o.put(rows.start, ti + c, &lanes[..rows.len()]);
     }
 }
 
@@ -410,7 +390,8 @@ impl Kernel {
         all
     }
 
-    /// One row group against tokens `ti..ti + C`: `[token][row lane]`. With `stream`, the
+    /// One row group against tokens `ti..ti + C`, into `out[c]` (token `ti + c`'s values of
+    /// the group's rows, at most [`ROWS`]: the last group may be cut). With `stream`, the
     /// weights [`PREFETCH_BLOCKS`] ahead are prefetched (the pass that reads them from memory).
     #[inline]
     fn dot_group<const C: usize>(
@@ -419,21 +400,28 @@ impl Kernel {
         act: &Q8_1Activations,
         ti: usize,
         stream: bool,
-    ) -> [[f32; ROWS]; C] {
+        out: [&mut [f32]; C],
+    ) {
         let x: [XRow<'_>; C] = std::array::from_fn(|c| act.row(ti + c));
         assert!(
-            x.iter().all(|x| x.fits(&w)),
+            x.iter().all(|x| x.fits(&w)) && out.iter().all(|o| o.len() <= ROWS),
             "Q4_1 dot: mismatched row lengths"
         );
         match self {
-            Kernel::Scalar => x.map(|x| std::array::from_fn(|lane| dot_scalar(w, lane, x))),
+            Kernel::Scalar => {
+                for (x, o) in x.into_iter().zip(out) {
+                    for (lane, o) in o.iter_mut().enumerate() {
+                        *o = dot_scalar(w, lane, x);
+                    }
+                }
+            }
             // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma and
             // f16c; every row's lengths were checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream) },
+            Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream, out) },
             // SAFETY: `Vnni` additionally requires avx512vl and avx512vnni, detected.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x, stream) },
+            Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x, stream, out) },
         }
     }
 
@@ -634,20 +622,22 @@ mod avx2 {
         }
     }
 
-    /// One group of eight rows against `C` tokens; lane `r` of token `c`'s result is row
-    /// `r`'s dot product, computed in candle's operation order (module docs). With `stream`,
+    /// One group of eight rows against `C` tokens into `out[c]` (token `c`'s values of the
+    /// group's first `out[c].len()` rows); each is a row's dot product computed in candle's
+    /// operation order (module docs). With `stream`,
     /// each block prefetches the weights [`PREFETCH_BLOCKS`] blocks ahead (past this group's
     /// end: the next group's, which follow in memory). Inlined into the instruction set's
     /// entry points below.
     ///
-    /// SAFETY: caller must ensure avx2, f16c and `S`'s instructions are available and every
-    /// `x.fits(&w)`.
+    /// SAFETY: caller must ensure avx2, f16c and `S`'s instructions are available, every
+    /// `x.fits(&w)` and every `out[c].len() <= ROWS`.
     #[inline(always)]
     unsafe fn group_with<S: BlockSums, const C: usize>(
         w: WGroup<'_>,
         x: [XRow<'_>; C],
         stream: bool,
-    ) -> [[f32; ROWS]; C] {
+        out: [&mut [f32]; C],
+    ) {
         let mut sumf = [_mm256_setzero_ps(); C];
         for b in 0..w.nb {
             let wq = w.q.as_ptr().add(b * GROUP_BLOCK_BYTES);
@@ -673,11 +663,15 @@ mod avx2 {
                 sumf[c] = _mm256_add_ps(sumf[c], t);
             }
         }
-        sumf.map(|v| {
-            let mut lanes = [0f32; ROWS];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-            lanes
-        })
+        for (v, o) in sumf.into_iter().zip(out) {
+            if o.len() == ROWS {
+                _mm256_storeu_ps(o.as_mut_ptr(), v);
+            } else {
+                let mut lanes = [0f32; ROWS];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                o.copy_from_slice(&lanes[..o.len()]);
+            }
+        }
     }
 
     /// Row groups `groups` of `m` against one token, into `out` (lane `r` of the `i`th group
@@ -693,23 +687,24 @@ mod avx2 {
         out: &mut [f32],
     ) {
         for (i, g) in groups.enumerate() {
-            let [lanes] = group_with::<S, 1>(m.group(g), [x], stream);
             let dst = &mut out[i * ROWS..];
             let n = dst.len().min(ROWS);
-            dst[..n].copy_from_slice(&lanes[..n]);
+            group_with::<S, 1>(m.group(g), [x], stream, [&mut dst[..n]]);
         }
     }
 
     /// [`group_with`] with AVX2.
     ///
-    /// SAFETY: caller must ensure avx2, fma and f16c and every `x.fits(&w)`.
+    /// SAFETY: caller must ensure avx2, fma and f16c, every `x.fits(&w)` and every
+    /// `out[c].len() <= ROWS`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_group<const C: usize>(
         w: WGroup<'_>,
         x: [XRow<'_>; C],
         stream: bool,
-    ) -> [[f32; ROWS]; C] {
-        group_with::<Maddubs, C>(w, x, stream)
+        out: [&mut [f32]; C],
+    ) {
+        group_with::<Maddubs, C>(w, x, stream, out)
     }
 
     /// [`rows_1_with`] with AVX2.
@@ -728,15 +723,16 @@ mod avx2 {
 
     /// [`group_with`] with AVX-512 VNNI.
     ///
-    /// SAFETY: caller must ensure avx2, fma, f16c, avx512vl and avx512vnni and every
-    /// `x.fits(&w)`.
+    /// SAFETY: caller must ensure avx2, fma, f16c, avx512vl and avx512vnni, every
+    /// `x.fits(&w)` and every `out[c].len() <= ROWS`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub(super) unsafe fn dot_group_vnni<const C: usize>(
         w: WGroup<'_>,
         x: [XRow<'_>; C],
         stream: bool,
-    ) -> [[f32; ROWS]; C] {
-        group_with::<Dpbusd, C>(w, x, stream)
+        out: [&mut [f32]; C],
+    ) {
+        group_with::<Dpbusd, C>(w, x, stream, out)
     }
 
     /// [`rows_1_with`] with AVX-512 VNNI.
