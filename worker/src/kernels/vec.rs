@@ -270,14 +270,43 @@ fn dot_scalar<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
     assert_eq!(x.len(), out.len(), "rms_norm: lengths");
-    for (src, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+    if n == 0 {
+        return;
+    }
+    let scale = |src: &[f32], dst: &mut [f32], sum2: f32| {
         let m = (sum2 / n as f32 + eps).sqrt();
         for ((d, &s), &w) in dst.iter_mut().zip(src).zip(weight) {
             *d = s / m * w;
         }
+    };
+    // A row's sum of squares is one chain of dependent adds in index order (candle's), so a
+    // row alone waits on the add latency; eight rows at once keep eight chains in flight.
+    let whole = x.len() / (NORM_ROWS * n) * (NORM_ROWS * n);
+    let (x, x_tail) = x.split_at(whole);
+    let (out, out_tail) = out.split_at_mut(whole);
+    for (src, dst) in x
+        .chunks_exact(NORM_ROWS * n)
+        .zip(out.chunks_exact_mut(NORM_ROWS * n))
+    {
+        let mut sum2 = [0f32; NORM_ROWS];
+        for i in 0..n {
+            for (r, s) in sum2.iter_mut().enumerate() {
+                let v = src[r * n + i];
+                *s += v * v;
+            }
+        }
+        for ((src, dst), sum2) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)).zip(sum2) {
+            scale(src, dst, sum2);
+        }
+    }
+    for (src, dst) in x_tail.chunks_exact(n).zip(out_tail.chunks_exact_mut(n)) {
+        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+        scale(src, dst, sum2);
     }
 }
+
+/// Rows [`rms_norm`] sums together.
+const NORM_ROWS: usize = 8;
 
 /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, as `g / (1 + exp(-g)) * u` in f32.
 pub fn swiglu(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
@@ -898,6 +927,31 @@ mod tests {
         assert_eq!(x, y);
         let total: f32 = x.iter().sum();
         assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rms_norm_rows_are_candles_bits_in_groups_and_alone() -> candle_core::Result<()> {
+        // 19 rows: two groups of eight summed together, then three rows one by one.
+        let (rows, n) = (19, 576);
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i as f32) * 0.377).sin() * (1.0 + (i % 97) as f32))
+            .collect();
+        let w: Vec<f32> = (0..n).map(|i| 0.5 + (i as f32 * 0.01).cos()).collect();
+        let mut out = vec![0f32; rows * n];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        let dev = candle_core::Device::Cpu;
+        let reference = candle_nn::ops::rms_norm(
+            &candle_core::Tensor::from_slice(&x, (rows, n), &dev)?,
+            &candle_core::Tensor::from_slice(&w, n, &dev)?,
+            1e-5,
+        )?;
+        assert_eq!(out, reference.flatten_all()?.to_vec1::<f32>()?);
+        for (r, expected) in out.chunks_exact(n).enumerate() {
+            let mut one = vec![0f32; n];
+            rms_norm(&x[r * n..(r + 1) * n], &w, 1e-5, &mut one);
+            assert_eq!(one, expected, "row {r}");
+        }
+        Ok(())
     }
 
     #[test]
