@@ -308,6 +308,13 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// Rows [`rms_norm`] sums together.
 const NORM_ROWS: usize = 8;
 
+/// Whether the CPU has AVX-512F, for the `exp` paths that use 512-bit vectors of doubles
+/// (the answer is cached by `std`).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512f() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
 /// SwiGLU: `out[i] = silu(gate[i]) * up[i]`, as `g / (1 + exp(-g)) * u` in f32.
 pub fn swiglu(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(
@@ -316,6 +323,9 @@ pub fn swiglu(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     );
     let done = match isa {
         Isa::Scalar => 0,
+        // SAFETY: `Avx2` only comes from runtime detection, avx512f too; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if has_avx512f() => unsafe { avx2::swiglu_avx512(gate, up, out) },
         // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::swiglu(gate, up, out) },
@@ -330,12 +340,16 @@ pub fn swiglu(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
 /// `f32::exp` is a call into the C library per element; on x86-64 Linux with FMA that is
 /// glibc's `__expf_fma` (ARM's optimized-routines `expf`: a 32-entry table of `2^(i/32)` and a
 /// cubic in double precision). The AVX2 path runs that same algorithm, operation for operation
-/// with the same fused multiply-adds and constants, four doubles at a time, and hands any
+/// with the same fused multiply-adds and constants, four doubles at a time (eight, with the
+/// table read by permutes instead of a gather, where the CPU has AVX-512F), and hands any
 /// vector holding an input outside the fast path's range (`|x| >= 88`, infinities, NaN) to
 /// `f32::exp`, so the results are the library's bits (checked against `f32::exp` in the tests).
 pub fn exp_shifted(isa: Isa, x: &mut [f32], sub: f32) {
     let done = match isa {
         Isa::Scalar => 0,
+        // SAFETY: `Avx2` only comes from runtime detection, avx512f too.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if has_avx512f() => unsafe { avx2::exp_shifted_avx512(x, sub) },
         // SAFETY: `Avx2` only comes from runtime detection.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::exp_shifted(x, sub) },
@@ -416,32 +430,80 @@ mod avx2 {
         _mm256_cvtpd_ps(_mm256_mul_pd(y, _mm256_castsi256_pd(t)))
     }
 
+    /// Eight `expf`s at a time: glibc's fast path on doubles.
+    pub(super) trait Exp8 {
+        /// `expf` of eight floats widened to doubles (the caller has ruled out the slow path).
+        ///
+        /// SAFETY: caller ensures the implementation's instruction set.
+        unsafe fn exp8_fast(x: __m256) -> __m256;
+    }
+
+    /// AVX2: two halves of four doubles, the table read with a gather.
+    pub(super) struct Avx2Exp;
+
+    impl Exp8 for Avx2Exp {
+        #[inline(always)]
+        unsafe fn exp8_fast(x: __m256) -> __m256 {
+            let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+            let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
+            _mm256_set_m128(hi, lo)
+        }
+    }
+
+    /// AVX-512F: all eight lanes in one vector of doubles, and the 32-entry table read from
+    /// four registers with two `vpermt2q` and a blend instead of a gather (slow on AMD Zen 4).
+    /// The same operations on the same values as [`Avx2Exp`], so the same bits.
+    pub(super) struct Avx512Exp;
+
+    impl Exp8 for Avx512Exp {
+        #[inline(always)]
+        unsafe fn exp8_fast(x: __m256) -> __m256 {
+            let f = |bits: u64| _mm512_set1_pd(f64::from_bits(bits));
+            let (invln2, shift) = (f(EXP_INVLN2_N), f(EXP_SHIFT));
+            let xd = _mm512_cvtps_pd(x);
+            let kd0 = _mm512_fmadd_pd(invln2, xd, shift);
+            let ki = _mm512_castpd_si512(kd0);
+            let kd = _mm512_sub_pd(kd0, shift);
+            let r = _mm512_fmsub_pd(invln2, xd, kd);
+            let idx = _mm512_and_si512(ki, _mm512_set1_epi64(31));
+            let part = |i: usize| _mm512_loadu_si512(EXP_TAB.as_ptr().add(8 * i) as *const _);
+            let low16 = _mm512_permutex2var_epi64(part(0), idx, part(1));
+            let high16 = _mm512_permutex2var_epi64(part(2), idx, part(3));
+            let upper = _mm512_test_epi64_mask(idx, _mm512_set1_epi64(16));
+            let tab = _mm512_mask_blend_epi64(upper, low16, high16);
+            let t = _mm512_add_epi64(tab, _mm512_slli_epi64::<47>(ki));
+            let z = _mm512_fmadd_pd(r, f(EXP_C[0]), f(EXP_C[1]));
+            let r2 = _mm512_mul_pd(r, r);
+            let y = _mm512_fmadd_pd(r, f(EXP_C[2]), _mm512_set1_pd(1.0));
+            let y = _mm512_fmadd_pd(z, r2, y);
+            _mm512_cvtpd_ps(_mm512_mul_pd(y, _mm512_castsi512_pd(t)))
+        }
+    }
+
     /// Eight `expf`s, or `None` when a lane needs `expf`'s slow path.
     ///
-    /// SAFETY: caller ensures avx2 + fma.
+    /// SAFETY: caller ensures avx2 and `E`'s instruction set.
     #[inline(always)]
-    unsafe fn exp8(x: __m256) -> Option<__m256> {
+    unsafe fn exp8<E: Exp8>(x: __m256) -> Option<__m256> {
         let abs = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fff_ffff));
         let slow = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(EXP_SLOW_BITS - 1));
         if _mm256_movemask_epi8(slow) != 0 {
             return None;
         }
-        let lo = exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-        let hi = exp4(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
-        Some(_mm256_set_m128(hi, lo))
+        Some(E::exp8_fast(x))
     }
 
     /// [`super::exp_shifted`] over whole vectors of eight; returns how many elements it did.
     ///
-    /// SAFETY: caller ensures avx2 + fma.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp_shifted(x: &mut [f32], sub: f32) -> usize {
+    /// SAFETY: caller ensures avx2, fma and `E`'s instruction set.
+    #[inline(always)]
+    unsafe fn exp_shifted_with<E: Exp8>(x: &mut [f32], sub: f32) -> usize {
         let n = x.len() / 8 * 8;
         let s = _mm256_set1_ps(sub);
         for chunk in x[..n].chunks_exact_mut(8) {
             let p = chunk.as_mut_ptr();
             let v = _mm256_sub_ps(_mm256_loadu_ps(p), s);
-            match exp8(v) {
+            match exp8::<E>(v) {
                 Some(e) => _mm256_storeu_ps(p, e),
                 None => chunk.iter_mut().for_each(|c| *c = (*c - sub).exp()),
             }
@@ -451,15 +513,15 @@ mod avx2 {
 
     /// [`super::swiglu`] over whole vectors of eight; returns how many elements it did.
     ///
-    /// SAFETY: caller ensures avx2 + fma and equal lengths.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+    /// SAFETY: caller ensures avx2, fma, `E`'s instruction set and equal lengths.
+    #[inline(always)]
+    unsafe fn swiglu_with<E: Exp8>(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
         let n = out.len() / 8 * 8;
         let (neg, one) = (_mm256_set1_ps(-0.0), _mm256_set1_ps(1.0));
         for i in (0..n).step_by(8) {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
             let u = _mm256_loadu_ps(up.as_ptr().add(i));
-            let e = match exp8(_mm256_xor_ps(g, neg)) {
+            let e = match exp8::<E>(_mm256_xor_ps(g, neg)) {
                 Some(e) => e,
                 None => {
                     let mut lanes = [0f32; 8];
@@ -473,6 +535,38 @@ mod avx2 {
             _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
         }
         n
+    }
+
+    /// [`exp_shifted_with`] with AVX2.
+    ///
+    /// SAFETY: caller ensures avx2 + fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted(x: &mut [f32], sub: f32) -> usize {
+        exp_shifted_with::<Avx2Exp>(x, sub)
+    }
+
+    /// [`exp_shifted_with`] with AVX-512F.
+    ///
+    /// SAFETY: caller ensures avx2, fma and avx512f.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn exp_shifted_avx512(x: &mut [f32], sub: f32) -> usize {
+        exp_shifted_with::<Avx512Exp>(x, sub)
+    }
+
+    /// [`swiglu_with`] with AVX2.
+    ///
+    /// SAFETY: caller ensures avx2 + fma and equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+        swiglu_with::<Avx2Exp>(gate, up, out)
+    }
+
+    /// [`swiglu_with`] with AVX-512F.
+    ///
+    /// SAFETY: caller ensures avx2, fma, avx512f and equal lengths.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+        swiglu_with::<Avx512Exp>(gate, up, out)
     }
 
     #[inline(always)]
@@ -701,21 +795,54 @@ mod tests {
     /// `exp_shifted` on every `stride`-th f32 bit pattern (NaNs and infinities included)
     /// against `f32::exp`, bit for bit. Only glibc's `expf` is the reference the AVX2 path
     /// reproduces, so elsewhere there is nothing to compare.
+    type SimdExp = unsafe fn(&mut [f32], f32) -> usize;
+    type SimdSwiglu = unsafe fn(&[f32], &[f32], &mut [f32]) -> usize;
+
+    /// Every SIMD `exp_shifted` this CPU runs (each does whole vectors of eight).
+    fn simd_exps() -> Vec<(&'static str, SimdExp)> {
+        let mut all: Vec<(&'static str, SimdExp)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() == Isa::Avx2 {
+            all.push(("avx2", avx2::exp_shifted));
+            if has_avx512f() {
+                all.push(("avx512", avx2::exp_shifted_avx512));
+            }
+        }
+        all
+    }
+
+    /// Every SIMD `swiglu` this CPU runs (each does whole vectors of eight).
+    fn simd_swiglus() -> Vec<(&'static str, SimdSwiglu)> {
+        let mut all: Vec<(&'static str, SimdSwiglu)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() == Isa::Avx2 {
+            all.push(("avx2", avx2::swiglu));
+            if has_avx512f() {
+                all.push(("avx512", avx2::swiglu_avx512));
+            }
+        }
+        all
+    }
+
     fn exp_agrees_with_libm(stride: usize) {
         if !cfg!(all(target_os = "linux", target_env = "gnu")) || Isa::detect() == Isa::Scalar {
             return;
         }
-        let isa = Isa::detect();
+        let exps = simd_exps();
         let mut batch = Vec::with_capacity(1 << 16);
         let check = |batch: &mut Vec<f32>| {
-            let mut got = batch.clone();
-            exp_shifted(isa, &mut got, 0.0);
-            for (x, e) in batch.iter().zip(&got) {
-                let want = x.exp();
-                assert!(
-                    want.to_bits() == e.to_bits() || (want.is_nan() && e.is_nan()),
-                    "exp({x:e}) = {e:e}, f32::exp gives {want:e}"
-                );
+            for &(name, exp) in &exps {
+                let mut got = batch.clone();
+                // SAFETY: `simd_exps` lists only what this CPU runs.
+                let done = unsafe { exp(&mut got, 0.0) };
+                got[done..].iter_mut().for_each(|v| *v = v.exp());
+                for (x, e) in batch.iter().zip(&got) {
+                    let want = x.exp();
+                    assert!(
+                        want.to_bits() == e.to_bits() || (want.is_nan() && e.is_nan()),
+                        "{name}: exp({x:e}) = {e:e}, f32::exp gives {want:e}"
+                    );
+                }
             }
             batch.clear();
         };
@@ -763,6 +890,13 @@ mod tests {
         swiglu(Isa::detect(), &gate, &up, &mut simd);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&scalar), bits(&simd));
+        for (name, simd_swiglu) in simd_swiglus() {
+            let mut each = vec![0f32; 1001];
+            // SAFETY: `simd_swiglus` lists only what this CPU runs; equal lengths.
+            let done = unsafe { simd_swiglu(&gate, &up, &mut each) };
+            assert_eq!(done, 1000, "{name}");
+            assert_eq!(bits(&scalar[..done]), bits(&each[..done]), "{name}");
+        }
     }
 
     /// `a · b` through [`scores`] (one key row, scale 1).
