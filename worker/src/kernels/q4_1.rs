@@ -292,9 +292,11 @@ impl Q4_1Matrix {
                 return;
             }
             // Tasks start on group boundaries (`ROW_ALIGN`); the last may end mid-group.
-            for g in tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS) {
-                let w = self.group(g);
-                let rows = g * ROWS..((g + 1) * ROWS).min(tile.rows.end);
+            let groups = tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS);
+            let mut g = groups.start;
+            while g < groups.end {
+                let pass = (groups.end - g).min(kernel.groups_per_pass());
+                let rows = g * ROWS..((g + pass) * ROWS).min(tile.rows.end);
                 let mut ti = tile.tokens.start;
                 while ti < tile.tokens.end {
                     let n = if tile.tokens.end - ti >= TOKENS {
@@ -302,18 +304,22 @@ impl Q4_1Matrix {
                     } else {
                         1
                     };
-                    // Only the first tokens' pass brings the group's weights from memory; the
+                    // Only the first tokens' pass brings the groups' weights from memory; the
                     // later ones find them in cache.
-                    let stream = ti == 0;
+                    let pass = Pass {
+                        m: self,
+                        groups: g..g + pass,
+                        act,
+                        ti,
+                        stream: ti == 0,
+                    };
                     match n {
-                        TOKENS => {
-                            let out = o.columns_mut::<TOKENS>(ti, &rows);
-                            kernel.dot_group(w, act, ti, stream, out);
-                        }
-                        _ => kernel.dot_group(w, act, ti, stream, o.columns_mut::<1>(ti, &rows)),
+                        TOKENS => kernel.dot_groups(pass, o.columns_mut::<TOKENS>(ti, &rows)),
+                        _ => kernel.dot_groups(pass, o.columns_mut::<1>(ti, &rows)),
                     }
                     ti += n;
                 }
+                g += pass;
             }
         });
     }
@@ -326,6 +332,16 @@ struct WGroup<'a> {
     d: &'a [f16],
     m: &'a [f16],
     q: &'a [u8],
+}
+
+/// One kernel pass: row groups `groups` of `m` (one, or two adjacent) against the tokens of
+/// `act` from `ti`; with `stream`, the pass that reads the weights from memory (prefetching).
+struct Pass<'a> {
+    m: &'a Q4_1Matrix,
+    groups: std::ops::Range<usize>,
+    act: &'a Q8_1Activations,
+    ti: usize,
+    stream: bool,
 }
 
 /// One quantized activation row: per-block scales, `d * sum(q)`, and its int8 values.
@@ -390,19 +406,71 @@ impl Kernel {
         all
     }
 
-    /// One row group against tokens `ti..ti + C`, into `out[c]` (token `ti + c`'s values of
-    /// the group's rows, at most [`ROWS`]: the last group may be cut). With `stream`, the
-    /// weights [`PREFETCH_BLOCKS`] ahead are prefetched (the pass that reads them from memory).
+    /// Row groups a multi-token pass computes together: two adjacent groups (16 rows, one
+    /// 512-bit register) with AVX-512, which halves the activation loads per product (each
+    /// broadcast serves 16 rows), else one.
+    fn groups_per_pass(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => 2,
+            _ => 1,
+        }
+    }
+
+    /// The groups of `pass` against tokens `ti..ti + C`, into `out[c]` (token `ti + c`'s
+    /// values of the groups' rows; the last group may be cut).
+    #[inline]
+    fn dot_groups<const C: usize>(self, pass: Pass<'_>, out: [&mut [f32]; C]) {
+        let Pass {
+            m,
+            groups,
+            act,
+            ti,
+            stream,
+        } = pass;
+        let x: [XRow<'_>; C] = std::array::from_fn(|c| act.row(ti + c));
+        let w0 = m.group(groups.start);
+        assert!(
+            x.iter().all(|x| x.fits(&w0))
+                && groups.end <= m.n_out.div_ceil(ROWS)
+                && out.iter().all(|o| o.len() <= groups.len() * ROWS),
+            "Q4_1 dot: mismatched row lengths"
+        );
+        match self {
+            // SAFETY: `Vnni` is only constructed after runtime detection of avx2, fma, f16c,
+            // avx512bw, avx512vl and avx512vnni; the lengths were checked above (every group
+            // of `m` has the same lengths).
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni if groups.len() == 2 => unsafe {
+                avx2::dot_pair_vnni(w0, m.group(groups.start + 1), x, stream, out)
+            },
+            _ => {
+                let mut out = out;
+                for g in groups {
+                    let w = m.group(g);
+                    let part = std::array::from_fn(|c| {
+                        let o = std::mem::take(&mut out[c]);
+                        let (part, rest) = o.split_at_mut(o.len().min(ROWS));
+                        out[c] = rest;
+                        part
+                    });
+                    self.dot_group(w, x, stream, part);
+                }
+            }
+        }
+    }
+
+    /// One row group against the `C` token rows `x`, into `out[c]` (at most [`ROWS`] values:
+    /// the last group may be cut). With `stream`, the weights [`PREFETCH_BLOCKS`] ahead are
+    /// prefetched (the pass that reads them from memory).
     #[inline]
     fn dot_group<const C: usize>(
         self,
         w: WGroup<'_>,
-        act: &Q8_1Activations,
-        ti: usize,
+        x: [XRow<'_>; C],
         stream: bool,
         out: [&mut [f32]; C],
     ) {
-        let x: [XRow<'_>; C] = std::array::from_fn(|c| act.row(ti + c));
         assert!(
             x.iter().all(|x| x.fits(&w)) && out.iter().all(|o| o.len() <= ROWS),
             "Q4_1 dot: mismatched row lengths"
@@ -735,6 +803,83 @@ mod avx2 {
         group_with::<Dpbusd, C>(w, x, stream, out)
     }
 
+    /// Two adjacent row groups (16 rows) against `C` tokens on 512-bit registers: group `w0`'s
+    /// rows in the low eight lanes, `w1`'s in the high eight, each activation broadcast
+    /// serving all 16; otherwise [`group_with`]'s operations lane for lane (same bits).
+    /// `out[c]` gets token `c`'s values of the first `out[c].len()` of the 16 rows.
+    ///
+    /// SAFETY: caller must ensure avx2, fma, f16c, avx512bw, avx512vl and avx512vnni, every
+    /// `x.fits(&w0)`, `w1` shaped like `w0` and every `out[c].len() <= 2 * ROWS`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot_pair_vnni<const C: usize>(
+        w0: WGroup<'_>,
+        w1: WGroup<'_>,
+        x: [XRow<'_>; C],
+        stream: bool,
+        out: [&mut [f32]; C],
+    ) {
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut sumf = [_mm512_setzero_ps(); C];
+        // Eight f16 of each group, widened to 16 f32 lanes.
+        let widen16 = |a: *const half::f16, b: *const half::f16| {
+            let lo = _mm_loadu_si128(a as *const __m128i);
+            let hi = _mm_loadu_si128(b as *const __m128i);
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+        };
+        for b in 0..w0.nb {
+            let (q0, q1) = (
+                w0.q.as_ptr().add(b * GROUP_BLOCK_BYTES),
+                w1.q.as_ptr().add(b * GROUP_BLOCK_BYTES),
+            );
+            if stream {
+                for (w, q) in [(w0, q0), (w1, q1)] {
+                    let ahead = (b + PREFETCH_BLOCKS) * ROWS;
+                    let q = q.wrapping_add(PREFETCH_BLOCKS * GROUP_BLOCK_BYTES) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(q);
+                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+                    _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
+                }
+            }
+            let mut lo_acc = [_mm512_setzero_si512(); C];
+            let mut hi_acc = [_mm512_setzero_si512(); C];
+            for chunk in 0..4 {
+                let v0 = _mm256_loadu_si256(q0.add(chunk * 32) as *const __m256i);
+                let v1 = _mm256_loadu_si256(q1.add(chunk * 32) as *const __m256i);
+                let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
+                let lo = _mm512_and_si512(v, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                for c in 0..C {
+                    let xp = x[c].q.as_ptr().add(b * QK + 4 * chunk);
+                    let bcast =
+                        |p: *const i8| _mm512_set1_epi32((p as *const i32).read_unaligned());
+                    lo_acc[c] = _mm512_dpbusd_epi32(lo_acc[c], lo, bcast(xp));
+                    hi_acc[c] = _mm512_dpbusd_epi32(hi_acc[c], hi, bcast(xp.add(16)));
+                }
+            }
+            let at = b * ROWS;
+            let dw = widen16(w0.d.as_ptr().add(at), w1.d.as_ptr().add(at));
+            let mw = widen16(w0.m.as_ptr().add(at), w1.m.as_ptr().add(at));
+            for c in 0..C {
+                let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[c], hi_acc[c]));
+                let dx = _mm512_set1_ps(*x[c].d.get_unchecked(b));
+                let sx = _mm512_set1_ps(*x[c].s.get_unchecked(b));
+                let scaled = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), dx);
+                let t = _mm512_add_ps(scaled, _mm512_mul_ps(mw, sx));
+                sumf[c] = _mm512_add_ps(sumf[c], t);
+            }
+        }
+        for (v, o) in sumf.into_iter().zip(out) {
+            if o.len() == 2 * ROWS {
+                _mm512_storeu_ps(o.as_mut_ptr(), v);
+            } else {
+                let mut lanes = [0f32; 2 * ROWS];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                o.copy_from_slice(&lanes[..o.len()]);
+            }
+        }
+    }
+
     /// [`rows_1_with`] with AVX-512 VNNI.
     ///
     /// SAFETY: caller must ensure avx2, fma, f16c, avx512vl and avx512vnni and that `x`
@@ -836,6 +981,12 @@ mod tests {
     #[test]
     fn equals_candle_small_odd_rows() -> Result<()> {
         check(33, 64, 100)
+    }
+
+    #[test]
+    fn equals_candle_when_a_two_group_pass_ends_mid_group() -> Result<()> {
+        // 12 rows: one pass over two groups (AVX-512) whose second group has four rows.
+        check(9, 64, 12)
     }
 
     #[test]
