@@ -2,8 +2,10 @@
 //! quantized once per call) and the small f32 vector helpers attention uses.
 //!
 //! Every kernel picks its instruction set once per call by runtime feature detection (AVX2 +
-//! FMA on x86-64) and falls back to portable scalar code elsewhere, so the crate builds and runs
-//! correctly on any target, including the Apple Silicon hosts that use the `metal` feature.
+//! FMA on x86-64; where the CPU also has them, AVX-512 VNNI for the Q4_1 integer core and
+//! AVX-512F for `expf`, each giving the same bits as the AVX2 path) and falls back to portable
+//! scalar code elsewhere, so the crate builds and runs correctly on any target, including the
+//! Apple Silicon hosts that use the `metal` feature.
 
 pub mod q4_1;
 pub mod q8_0;
