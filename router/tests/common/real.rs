@@ -81,7 +81,7 @@ impl RealWorker {
         }));
         // Lazy: a worker whose start-up fails may close its listener before any connect.
         let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
-        let worker = Self {
+        let mut worker = Self {
             id,
             addr,
             channel,
@@ -101,24 +101,40 @@ impl RealWorker {
         WorkerClient::new(self.channel.clone())
     }
 
-    /// Polls `grpc.health.v1.Health/Check` for `orchard.v1.Worker` until SERVING; fails at
-    /// once with the worker's own error if `server::run` returned (e.g. the model is bad).
-    async fn wait_serving(&self) -> Result<()> {
+    /// Polls `grpc.health.v1.Health/Check` for `orchard.v1.Worker` until SERVING; fails with
+    /// the worker's own error if `server::run` returned (e.g. the model is bad, or its
+    /// `/metrics` address was taken), not with the refused connection that follows it.
+    async fn wait_serving(&mut self) -> Result<()> {
         let mut health = HealthClient::new(self.channel.clone());
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if self.task.as_ref().is_some_and(JoinHandle::is_finished) {
-                bail!("worker {} exited during start-up", self.id);
+                let outcome = match self.task.take() {
+                    Some(task) => task.await,
+                    None => bail!("worker {} has no task", self.id),
+                };
+                match outcome {
+                    Ok(Ok(())) => bail!("worker {} exited during start-up", self.id),
+                    Ok(Err(e)) => bail!("worker {} failed to start: {e}", self.id),
+                    Err(e) => bail!("worker {} start-up task failed: {e}", self.id),
+                }
             }
             let request = HealthCheckRequest {
                 service: "orchard.v1.Worker".into(),
             };
-            let status = health.check(request).await?.into_inner().status;
-            if status == ServingStatus::Serving as i32 {
-                return Ok(());
-            }
+            let checked = health.check(request).await;
             if Instant::now() > deadline {
-                bail!("worker {} not SERVING after {READY_TIMEOUT:?}", self.id);
+                bail!(
+                    "worker {} not SERVING after {READY_TIMEOUT:?}: {checked:?}",
+                    self.id
+                );
+            }
+            // A transport error is answered on the next turn: by the worker's own error if its
+            // task has ended, else by another check.
+            if let Ok(reply) = checked {
+                if reply.into_inner().status == ServingStatus::Serving as i32 {
+                    return Ok(());
+                }
             }
             tokio::time::sleep(POLL).await;
         }
