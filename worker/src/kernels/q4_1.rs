@@ -383,8 +383,10 @@ impl Kernel {
             Isa::Scalar => Kernel::Scalar,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2
-                if is_x86_feature_detected!("avx512vnni")
-                    && is_x86_feature_detected!("avx512vl") =>
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni") =>
             {
                 Kernel::Vnni
             }
@@ -438,7 +440,7 @@ impl Kernel {
         );
         match self {
             // SAFETY: `Vnni` is only constructed after runtime detection of avx2, fma, f16c,
-            // avx512bw, avx512vl and avx512vnni; the lengths were checked above (every group
+            // avx512f, avx512bw, avx512vl and avx512vnni; the lengths were checked above (every group
             // of `m` has the same lengths).
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni if groups.len() == 2 => unsafe {
@@ -487,7 +489,7 @@ impl Kernel {
             // f16c; every row's lengths were checked above.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream, out) },
-            // SAFETY: `Vnni` additionally requires avx512vl and avx512vnni, detected.
+            // SAFETY: `Vnni` additionally requires avx512f, avx512vl and avx512vnni, detected.
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x, stream, out) },
         }
@@ -527,7 +529,7 @@ impl Kernel {
             // f16c; the row lengths were checked above, `out` holds one value per row.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dot_rows_1(m, groups, x, stream, out) },
-            // SAFETY: `Vnni` additionally requires avx512vl and avx512vnni, detected.
+            // SAFETY: `Vnni` additionally requires avx512f, avx512vl and avx512vnni, detected.
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => unsafe { avx2::dot_rows_1_vnni(m, groups, x, stream, out) },
         }
