@@ -633,6 +633,21 @@ mod avx2 {
         _mm256_set1_epi32((p as *const i32).read_unaligned())
     }
 
+    /// Prefetches group `w`'s nibbles, scales and mins [`PREFETCH_BLOCKS`] blocks past block
+    /// `b` (past the group's end: the next group's, which follow in memory). Addresses only
+    /// (`wrapping_add`: they may lie past the matrix); a prefetch never faults.
+    #[inline(always)]
+    unsafe fn prefetch_ahead(w: WGroup<'_>, b: usize) {
+        let ahead = (b + PREFETCH_BLOCKS) * ROWS;
+        let q =
+            w.q.as_ptr()
+                .wrapping_add((b + PREFETCH_BLOCKS) * GROUP_BLOCK_BYTES) as *const i8;
+        _mm_prefetch::<_MM_HINT_T0>(q);
+        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
+        _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
+    }
+
     /// The integer core of a block: for each of `C` tokens, the eight rows' exact `sumi`
     /// (one per 32-bit lane) of one interleaved block against the token's 32 int8 values.
     /// The two implementations give the same integers, so the same bits downstream.
@@ -712,14 +727,7 @@ mod avx2 {
         for b in 0..w.nb {
             let wq = w.q.as_ptr().add(b * GROUP_BLOCK_BYTES);
             if stream {
-                // Addresses only (`wrapping_add`: they may lie past the matrix); a prefetch
-                // never faults.
-                let ahead = (b + PREFETCH_BLOCKS) * ROWS;
-                let q = wq.wrapping_add(PREFETCH_BLOCKS * GROUP_BLOCK_BYTES) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(q);
-                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
-                _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
+                prefetch_ahead(w, b);
             }
             let sums = S::sums(wq, x.map(|x| x.q.as_ptr().add(b * QK)));
             let dw = widen(w.d.as_ptr().add(b * ROWS));
@@ -834,14 +842,8 @@ mod avx2 {
                 w1.q.as_ptr().add(b * GROUP_BLOCK_BYTES),
             );
             if stream {
-                for (w, q) in [(w0, q0), (w1, q1)] {
-                    let ahead = (b + PREFETCH_BLOCKS) * ROWS;
-                    let q = q.wrapping_add(PREFETCH_BLOCKS * GROUP_BLOCK_BYTES) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(q);
-                    _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
-                    _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
-                }
+                prefetch_ahead(w0, b);
+                prefetch_ahead(w1, b);
             }
             let mut lo_acc = [_mm512_setzero_si512(); C];
             let mut hi_acc = [_mm512_setzero_si512(); C];
