@@ -792,48 +792,48 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// One SIMD implementation of `exp_shifted` and `swiglu` (each does whole vectors of
+    /// eight and returns how many elements it did).
+    struct SimdPath {
+        name: &'static str,
+        exp: unsafe fn(&mut [f32], f32) -> usize,
+        swiglu: unsafe fn(&[f32], &[f32], &mut [f32]) -> usize,
+    }
+
+    /// Every SIMD path this CPU runs.
+    fn simd_paths() -> Vec<SimdPath> {
+        let mut all = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() == Isa::Avx2 {
+            all.push(SimdPath {
+                name: "avx2",
+                exp: avx2::exp_shifted,
+                swiglu: avx2::swiglu,
+            });
+            if has_avx512f() {
+                all.push(SimdPath {
+                    name: "avx512",
+                    exp: avx2::exp_shifted_avx512,
+                    swiglu: avx2::swiglu_avx512,
+                });
+            }
+        }
+        all
+    }
+
     /// `exp_shifted` on every `stride`-th f32 bit pattern (NaNs and infinities included)
     /// against `f32::exp`, bit for bit. Only glibc's `expf` is the reference the AVX2 path
     /// reproduces, so elsewhere there is nothing to compare.
-    type SimdExp = unsafe fn(&mut [f32], f32) -> usize;
-    type SimdSwiglu = unsafe fn(&[f32], &[f32], &mut [f32]) -> usize;
-
-    /// Every SIMD `exp_shifted` this CPU runs (each does whole vectors of eight).
-    fn simd_exps() -> Vec<(&'static str, SimdExp)> {
-        let mut all: Vec<(&'static str, SimdExp)> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        if Isa::detect() == Isa::Avx2 {
-            all.push(("avx2", avx2::exp_shifted));
-            if has_avx512f() {
-                all.push(("avx512", avx2::exp_shifted_avx512));
-            }
-        }
-        all
-    }
-
-    /// Every SIMD `swiglu` this CPU runs (each does whole vectors of eight).
-    fn simd_swiglus() -> Vec<(&'static str, SimdSwiglu)> {
-        let mut all: Vec<(&'static str, SimdSwiglu)> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        if Isa::detect() == Isa::Avx2 {
-            all.push(("avx2", avx2::swiglu));
-            if has_avx512f() {
-                all.push(("avx512", avx2::swiglu_avx512));
-            }
-        }
-        all
-    }
-
     fn exp_agrees_with_libm(stride: usize) {
         if !cfg!(all(target_os = "linux", target_env = "gnu")) || Isa::detect() == Isa::Scalar {
             return;
         }
-        let exps = simd_exps();
+        let paths = simd_paths();
         let mut batch = Vec::with_capacity(1 << 16);
         let check = |batch: &mut Vec<f32>| {
-            for &(name, exp) in &exps {
+            for &SimdPath { name, exp, .. } in &paths {
                 let mut got = batch.clone();
-                // SAFETY: `simd_exps` lists only what this CPU runs.
+                // SAFETY: `simd_paths` lists only what this CPU runs.
                 let done = unsafe { exp(&mut got, 0.0) };
                 got[done..].iter_mut().for_each(|v| *v = v.exp());
                 for (x, e) in batch.iter().zip(&got) {
@@ -890,9 +890,14 @@ mod tests {
         swiglu(Isa::detect(), &gate, &up, &mut simd);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&scalar), bits(&simd));
-        for (name, simd_swiglu) in simd_swiglus() {
+        for SimdPath {
+            name,
+            swiglu: simd_swiglu,
+            ..
+        } in simd_paths()
+        {
             let mut each = vec![0f32; 1001];
-            // SAFETY: `simd_swiglus` lists only what this CPU runs; equal lengths.
+            // SAFETY: `simd_paths` lists only what this CPU runs; equal lengths.
             let done = unsafe { simd_swiglu(&gate, &up, &mut each) };
             assert_eq!(done, 1000, "{name}");
             assert_eq!(bits(&scalar[..done]), bits(&each[..done]), "{name}");
