@@ -5,16 +5,18 @@
 use std::fs::File;
 use std::io::BufReader;
 
-use anyhow::{Context, Result};
+mod tiny_llama;
+
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use orchard_worker::engine::batch::{SeqSlice, StepBatch};
 #[cfg(target_arch = "x86_64")]
 use orchard_worker::kernels::Isa;
 use orchard_worker::model::gguf::{self, default_model_path};
 use orchard_worker::model::kv_store::KvCacheDType;
 use orchard_worker::model::{KvStore, KvStoreConfig};
 use orchard_worker::text::gguf_tokenizer;
+use tiny_llama::one_sequence_step;
 
 const PROMPTS: [&str; 4] = [
     "The capital of France is",
@@ -95,25 +97,8 @@ fn ours_forced(
     let mut done = 0usize;
     let mut feed = prompt.to_vec();
     while out.len() < STEPS.min(forced.len() + 1) {
-        let positions: Vec<u32> = (done..done + feed.len()).map(|p| p as u32).collect();
-        let slots = positions
-            .iter()
-            .map(|&p| kv.slot_of(&table, p as usize).map(|s| s as u32))
-            .collect::<Option<Vec<_>>>()
-            .context("block table too short")?;
+        let batch = one_sequence_step(&kv, &table, &feed, done)?;
         done += feed.len();
-        let batch = StepBatch {
-            token_ids: feed.clone(),
-            positions,
-            slot_mapping: slots,
-            seqs: vec![SeqSlice {
-                query_start: 0,
-                query_len: feed.len() as u32,
-                context_len: done as u32,
-                block_table: table.clone(),
-                needs_logits: true,
-            }],
-        };
         let row = model
             .forward(&batch, &mut kv)?
             .squeeze(0)?
@@ -274,18 +259,7 @@ fn single_token_logits_equal_the_reference_bit_for_bit() -> Result<()> {
             kv_dim: cfg.kv_dim(),
             dtype: KvCacheDType::F32,
         });
-        let batch = StepBatch {
-            token_ids: vec![id],
-            positions: vec![0],
-            slot_mapping: vec![0],
-            seqs: vec![SeqSlice {
-                query_start: 0,
-                query_len: 1,
-                context_len: 1,
-                block_table: vec![0],
-                needs_logits: true,
-            }],
-        };
+        let batch = one_sequence_step(&kv, &[0], &[id], 0)?;
         let got = loaded
             .model
             .forward(&batch, &mut kv)?

@@ -1,12 +1,13 @@
 //! A tiny random-weight Llama for the model tests: Hugging Face weights, written as a
-//! safetensors directory or as GGUF, and greedy generation through `Llama::forward`.
+//! safetensors directory or as GGUF, and greedy generation through `Llama::forward`; and the
+//! one-sequence step batch that the model tests (this one's and the reference test's) feed.
 
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use orchard_worker::engine::batch::{SeqSlice, StepBatch};
@@ -186,24 +187,8 @@ pub fn run_steps(
     let table: Vec<u32> = vec![5, 2, 7, 0, 3, 6, 1, 4];
     let (mut feed, mut done, mut out, mut rows) = (prompt.to_vec(), 0usize, vec![], vec![]);
     while out.len() < n {
-        let positions: Vec<u32> = (done..done + feed.len()).map(|p| p as u32).collect();
-        let slot_mapping = positions
-            .iter()
-            .map(|&p| table[p as usize / BS] * BS as u32 + p % BS as u32)
-            .collect();
+        let batch = one_sequence_step(&kv, &table, &feed, done)?;
         done += feed.len();
-        let batch = StepBatch {
-            token_ids: feed.clone(),
-            positions,
-            slot_mapping,
-            seqs: vec![SeqSlice {
-                query_start: 0,
-                query_len: feed.len() as u32,
-                context_len: done as u32,
-                block_table: table.clone(),
-                needs_logits: true,
-            }],
-        };
         let row = model
             .forward(&batch, &mut kv)?
             .squeeze(0)?
@@ -216,4 +201,32 @@ pub fn run_steps(
         rows.push(row);
     }
     Ok((rows, out))
+}
+
+/// One step of one sequence: `feed` at positions `first..`, its slots looked up through the
+/// sequence's block table `table`, logits for its last token.
+pub fn one_sequence_step(
+    kv: &KvStore,
+    table: &[u32],
+    feed: &[u32],
+    first: usize,
+) -> Result<StepBatch> {
+    let positions: Vec<u32> = (first..first + feed.len()).map(|p| p as u32).collect();
+    let slot_mapping = positions
+        .iter()
+        .map(|&p| kv.slot_of(table, p as usize).map(|s| s as u32))
+        .collect::<Option<Vec<_>>>()
+        .context("block table too short")?;
+    Ok(StepBatch {
+        token_ids: feed.to_vec(),
+        positions,
+        slot_mapping,
+        seqs: vec![SeqSlice {
+            query_start: 0,
+            query_len: feed.len() as u32,
+            context_len: (first + feed.len()) as u32,
+            block_table: table.to_vec(),
+            needs_logits: true,
+        }],
+    })
 }
