@@ -200,37 +200,8 @@ fn round_half_away(x: f32) -> f32 {
     }
 }
 
-/// Weight rows a SIMD kernel computes together: independent accumulator chains hide the FMA
-/// latency and each activation block is loaded once for all of them.
-pub(crate) const ROW_GROUP: usize = 4;
-
-/// Fills a tile's outputs: `group(r, ti)` gives rows `r..r + ROW_GROUP` against token `ti`,
-/// `one(r, ti)` a single row (the tile's last `< ROW_GROUP` rows). Both must compute each
-/// (row, token) with the same operations, so results do not depend on the grouping.
-pub(crate) fn fill_tile<G, O>(mut out: TileOut<'_, '_>, group: G, one: O)
-where
-    G: Fn(usize, usize) -> [f32; ROW_GROUP],
-    O: Fn(usize, usize) -> f32,
-{
-    let tile = out.tile.clone();
-    let mut r = tile.rows.start;
-    while r < tile.rows.end {
-        let n = ROW_GROUP.min(tile.rows.end - r);
-        for ti in tile.tokens.clone() {
-            if n == ROW_GROUP {
-                out.put(r, ti, &group(r, ti));
-            } else {
-                for i in 0..n {
-                    out.put(r + i, ti, &[one(r + i, ti)]);
-                }
-            }
-        }
-        r += n;
-    }
-}
-
 /// Every task starts on a multiple of this many weight rows, so kernels that interleave
-/// row groups (Q4_1) never split a group between tasks.
+/// row groups (Q4_1, Q8_0) never split a group between tasks.
 pub(crate) const ROW_ALIGN: usize = 8;
 
 /// Rows per task (a multiple of [`ROW_ALIGN`]): enough tasks to balance the team, enough work per task to amortize
