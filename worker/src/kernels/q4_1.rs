@@ -19,7 +19,9 @@
 //!   (`sumf += sumi * d_w * d_x + m_w * s_x`, block after block, no FMA contraction), so
 //!   every output equals candle's bit for bit, and therefore does not depend on how many
 //!   tokens share the step either (batch invariance);
-//! - scales and mins stay f16, eight per block and group, widened with F16C.
+//! - scales and mins stay f16, eight per block and group, widened with F16C;
+//! - a group's block keeps its eight scales, eight mins and 128 nibble bytes together (one
+//!   160-byte [`GroupBlock`]), so a pass over a group reads one stream of memory.
 //!
 //! On CPUs with AVX-512 VNNI (AMD Zen 4, Intel Ice Lake and later) the integer core uses
 //! `vpdpbusd` on 256-bit registers, which multiplies and accumulates four byte pairs into a
@@ -61,12 +63,26 @@ const QUANTIZE_TASK_BLOCKS: usize = 64;
 pub struct Q4_1Matrix {
     n_out: usize,
     k: usize,
-    /// Per (group, block, row) scale: `[groups * nb * 8]`.
-    d: Vec<f16>,
-    /// Per (group, block, row) min: `[groups * nb * 8]`.
-    m: Vec<f16>,
-    /// Interleaved nibbles: `[groups * nb * 128]`.
-    qs: Vec<u8>,
+    /// Per (group, block): `[groups * nb]`.
+    blocks: Vec<GroupBlock>,
+}
+
+/// One block of one row group: the eight rows' scales, mins and interleaved nibbles, side by
+/// side so a pass over the group reads one stream.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+struct GroupBlock {
+    d: [f16; ROWS],
+    m: [f16; ROWS],
+    q: [u8; GROUP_BLOCK_BYTES],
+}
+
+impl GroupBlock {
+    const ZERO: Self = Self {
+        d: [f16::ZERO; ROWS],
+        m: [f16::ZERO; ROWS],
+        q: [0; GROUP_BLOCK_BYTES],
+    };
 }
 
 /// An activation matrix `[t, k]` quantized to Q8_1 once and shared by every Q4_1 weight
@@ -182,23 +198,19 @@ impl Q4_1Matrix {
                 n_out * nb * BLOCK_BYTES
             );
         }
-        let groups = n_out.div_ceil(ROWS);
-        let mut d = vec![f16::ZERO; groups * nb * ROWS];
-        let mut m = vec![f16::ZERO; groups * nb * ROWS];
-        let mut qs = vec![0u8; groups * nb * GROUP_BLOCK_BYTES];
+        let mut blocks = vec![GroupBlock::ZERO; n_out.div_ceil(ROWS) * nb];
         for (r, row) in data.chunks_exact(nb * BLOCK_BYTES).enumerate() {
             let (g, lane) = (r / ROWS, r % ROWS);
             for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-                let gb = g * nb + b;
-                d[gb * ROWS + lane] = f16::from_le_bytes([block[0], block[1]]);
-                m[gb * ROWS + lane] = f16::from_le_bytes([block[2], block[3]]);
+                let gb = &mut blocks[g * nb + b];
+                gb.d[lane] = f16::from_le_bytes([block[0], block[1]]);
+                gb.m[lane] = f16::from_le_bytes([block[2], block[3]]);
                 for (c, four) in block[4..].chunks_exact(4).enumerate() {
-                    let at = gb * GROUP_BLOCK_BYTES + c * 32 + lane * 4;
-                    qs[at..at + 4].copy_from_slice(four);
+                    gb.q[c * 32 + lane * 4..][..4].copy_from_slice(four);
                 }
             }
         }
-        Ok(Self { n_out, k, d, m, qs })
+        Ok(Self { n_out, k, blocks })
     }
 
     /// Number of output features (rows of W).
@@ -259,12 +271,9 @@ impl Q4_1Matrix {
     /// Row group `g`.
     fn group(&self, g: usize) -> WGroup<'_> {
         let nb = self.k / QK;
-        let (s, q) = (g * nb * ROWS, g * nb * GROUP_BLOCK_BYTES);
         WGroup {
             nb,
-            d: &self.d[s..s + nb * ROWS],
-            m: &self.m[s..s + nb * ROWS],
-            q: &self.qs[q..q + nb * GROUP_BLOCK_BYTES],
+            blocks: &self.blocks[g * nb..][..nb],
         }
     }
 
@@ -329,9 +338,7 @@ impl Q4_1Matrix {
 #[derive(Clone, Copy)]
 struct WGroup<'a> {
     nb: usize,
-    d: &'a [f16],
-    m: &'a [f16],
-    q: &'a [u8],
+    blocks: &'a [GroupBlock],
 }
 
 /// One kernel pass: row groups `groups` of `m` (one, or two adjacent) against the tokens of
@@ -356,12 +363,7 @@ impl XRow<'_> {
     /// Whether this row's lengths fit weight group `w` (what the SIMD code relies on).
     fn fits(&self, w: &WGroup<'_>) -> bool {
         let nb = w.nb;
-        w.d.len() == nb * ROWS
-            && w.m.len() == nb * ROWS
-            && w.q.len() == nb * GROUP_BLOCK_BYTES
-            && self.d.len() == nb
-            && self.s.len() == nb
-            && self.q.len() == nb * QK
+        w.blocks.len() == nb && self.d.len() == nb && self.s.len() == nb && self.q.len() == nb * QK
     }
 }
 
@@ -539,7 +541,7 @@ impl Kernel {
 /// The 4-bit weight `j` of block `b` of row `lane` in an interleaved group.
 fn nibble(w: WGroup<'_>, b: usize, lane: usize, j: usize) -> i32 {
     let jj = j % 16;
-    let byte = w.q[b * GROUP_BLOCK_BYTES + (jj / 4) * 32 + lane * 4 + jj % 4];
+    let byte = w.blocks[b].q[(jj / 4) * 32 + lane * 4 + jj % 4];
     i32::from(if j < 16 { byte & 0x0F } else { byte >> 4 })
 }
 
@@ -551,7 +553,7 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
         let sumi: i32 = (0..QK)
             .map(|j| nibble(w, b, lane, j) * i32::from(q8[j]))
             .sum();
-        let (dw, mw) = (w.d[b * ROWS + lane].to_f32(), w.m[b * ROWS + lane].to_f32());
+        let (dw, mw) = (w.blocks[b].d[lane].to_f32(), w.blocks[b].m[lane].to_f32());
         sumf += sumi as f32 * dw * x.d[b] + mw * x.s[b];
     }
     sumf
@@ -559,7 +561,7 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q4_1Matrix, WGroup, XRow, GROUP_BLOCK_BYTES, PREFETCH_BLOCKS, QK, ROWS};
+    use super::{GroupBlock, Q4_1Matrix, WGroup, XRow, PREFETCH_BLOCKS, QK, ROWS};
     use std::arch::x86_64::*;
 
     /// Eight f16 values widened to f32.
@@ -633,19 +635,16 @@ mod avx2 {
         _mm256_set1_epi32((p as *const i32).read_unaligned())
     }
 
-    /// Prefetches group `w`'s nibbles, scales and mins [`PREFETCH_BLOCKS`] blocks past block
-    /// `b` (past the group's end: the next group's, which follow in memory). Addresses only
-    /// (`wrapping_add`: they may lie past the matrix); a prefetch never faults.
+    /// Prefetches the [`GroupBlock`] [`PREFETCH_BLOCKS`] blocks past block `b` of group `w`
+    /// (past the group's end: the next group's, which follow in memory), its three cache
+    /// lines. Addresses only (`wrapping_add`: they may lie past the matrix); a prefetch never
+    /// faults.
     #[inline(always)]
     unsafe fn prefetch_ahead(w: WGroup<'_>, b: usize) {
-        let ahead = (b + PREFETCH_BLOCKS) * ROWS;
-        let q =
-            w.q.as_ptr()
-                .wrapping_add((b + PREFETCH_BLOCKS) * GROUP_BLOCK_BYTES) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(q);
-        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(64));
-        _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add(ahead) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add(ahead) as *const i8);
+        let p = w.blocks.as_ptr().wrapping_add(b + PREFETCH_BLOCKS) as *const i8;
+        for line in 0..std::mem::size_of::<GroupBlock>().div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
+        }
     }
 
     /// The integer core of a block: for each of `C` tokens, the eight rows' exact `sumi`
@@ -725,13 +724,13 @@ mod avx2 {
     ) {
         let mut sumf = [_mm256_setzero_ps(); C];
         for b in 0..w.nb {
-            let wq = w.q.as_ptr().add(b * GROUP_BLOCK_BYTES);
+            let wb = w.blocks.get_unchecked(b);
             if stream {
                 prefetch_ahead(w, b);
             }
-            let sums = S::sums(wq, x.map(|x| x.q.as_ptr().add(b * QK)));
-            let dw = widen(w.d.as_ptr().add(b * ROWS));
-            let mw = widen(w.m.as_ptr().add(b * ROWS));
+            let sums = S::sums(wb.q.as_ptr(), x.map(|x| x.q.as_ptr().add(b * QK)));
+            let dw = widen(wb.d.as_ptr());
+            let mw = widen(wb.m.as_ptr());
             for c in 0..C {
                 let sumi = _mm256_cvtepi32_ps(sums[c]);
                 let dx = _mm256_set1_ps(*x[c].d.get_unchecked(b));
@@ -837,10 +836,8 @@ mod avx2 {
             _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
         };
         for b in 0..w0.nb {
-            let (q0, q1) = (
-                w0.q.as_ptr().add(b * GROUP_BLOCK_BYTES),
-                w1.q.as_ptr().add(b * GROUP_BLOCK_BYTES),
-            );
+            let (b0, b1) = (w0.blocks.get_unchecked(b), w1.blocks.get_unchecked(b));
+            let (q0, q1) = (b0.q.as_ptr(), b1.q.as_ptr());
             if stream {
                 prefetch_ahead(w0, b);
                 prefetch_ahead(w1, b);
@@ -861,9 +858,8 @@ mod avx2 {
                     hi_acc[c] = _mm512_dpbusd_epi32(hi_acc[c], hi, bcast(xp.add(16)));
                 }
             }
-            let at = b * ROWS;
-            let dw = widen16(w0.d.as_ptr().add(at), w1.d.as_ptr().add(at));
-            let mw = widen16(w0.m.as_ptr().add(at), w1.m.as_ptr().add(at));
+            let dw = widen16(b0.d.as_ptr(), b1.d.as_ptr());
+            let mw = widen16(b0.m.as_ptr(), b1.m.as_ptr());
             for c in 0..C {
                 let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[c], hi_acc[c]));
                 let dx = _mm512_set1_ps(*x[c].d.get_unchecked(b));
