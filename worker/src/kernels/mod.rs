@@ -11,6 +11,7 @@ pub mod q4_1;
 pub mod q8_0;
 pub mod team;
 pub mod vec;
+pub mod weights;
 
 /// Which inner-product implementation to use; chosen by CPU feature detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

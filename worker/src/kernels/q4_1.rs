@@ -31,6 +31,7 @@
 //! The activation quantization mirrors candle's `BlockQ8_1::from_float` bit for bit
 //! (including the f16 rounding of `d` and `s`).
 
+use super::weights::{self, WeightBuf};
 use super::{par_rows, quantize_i8, team, Isa, RowsJob, TileOut, PARALLEL_MIN_ROWS, ROW_ALIGN};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
@@ -64,7 +65,7 @@ pub struct Q4_1Matrix {
     n_out: usize,
     k: usize,
     /// Per (group, block): `[groups * nb]`.
-    blocks: Vec<GroupBlock>,
+    blocks: WeightBuf<GroupBlock>,
 }
 
 /// One block of one row group: the eight rows' scales, mins and interleaved nibbles, side by
@@ -198,7 +199,7 @@ impl Q4_1Matrix {
                 n_out * nb * BLOCK_BYTES
             );
         }
-        let mut blocks = vec![GroupBlock::ZERO; n_out.div_ceil(ROWS) * nb];
+        let mut blocks = weights::filled(n_out.div_ceil(ROWS) * nb, GroupBlock::ZERO);
         for (r, row) in data.chunks_exact(nb * BLOCK_BYTES).enumerate() {
             let (g, lane) = (r / ROWS, r % ROWS);
             for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
@@ -210,7 +211,22 @@ impl Q4_1Matrix {
                 }
             }
         }
-        Ok(Self { n_out, k, blocks })
+        Ok(Self {
+            n_out,
+            k,
+            blocks: WeightBuf::new(blocks),
+        })
+    }
+
+    /// Moves the weights of `matrices` into one buffer, in the order given (see
+    /// [`weights::pack`]); results stay the same.
+    pub fn pack(matrices: &mut [&mut Q4_1Matrix]) {
+        weights::pack(
+            &mut matrices
+                .iter_mut()
+                .map(|m| &mut m.blocks)
+                .collect::<Vec<_>>(),
+        );
     }
 
     /// Number of output features (rows of W).
@@ -273,7 +289,7 @@ impl Q4_1Matrix {
         let nb = self.k / QK;
         WGroup {
             nb,
-            blocks: &self.blocks[g * nb..][..nb],
+            blocks: &self.blocks.as_slice()[g * nb..][..nb],
         }
     }
 

@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
 
+use super::weights::{self, WeightBuf};
 use super::{par_rows, quantize_i8, Isa, RowsJob, TileOut, ROW_ALIGN};
 
 /// Values per Q8_0 block.
@@ -36,9 +37,9 @@ pub struct Q8_0Matrix {
     n_out: usize,
     k: usize,
     /// Per (group, block, row) scale, f16 as in the file: `[groups * nb * ROWS]`.
-    d: Vec<f16>,
+    d: WeightBuf<f16>,
     /// Per (group, block, row) the block's 32 weights: `[groups * nb * ROWS * 32]`.
-    q: Vec<i8>,
+    q: WeightBuf<i8>,
 }
 
 /// Activations `[t, k]` quantized to Q8_0.
@@ -108,8 +109,8 @@ impl Q8_0Matrix {
             );
         }
         let slots = n_out.div_ceil(ROWS) * nb * ROWS;
-        let mut d = vec![f16::ZERO; slots];
-        let mut q = vec![0i8; slots * QK];
+        let mut d = weights::filled(slots, f16::ZERO);
+        let mut q = weights::filled(slots * QK, 0i8);
         for (i, block) in data.chunks_exact(BLOCK_BYTES).enumerate() {
             let at = Self::slot(nb, i / nb, i % nb);
             d[at] = f16::from_le_bytes([block[0], block[1]]);
@@ -118,7 +119,19 @@ impl Q8_0Matrix {
                 .zip(&block[2..])
                 .for_each(|(q, &b)| *q = b as i8);
         }
-        Ok(Self { n_out, k, d, q })
+        Ok(Self {
+            n_out,
+            k,
+            d: WeightBuf::new(d),
+            q: WeightBuf::new(q),
+        })
+    }
+
+    /// Moves the weights of `matrices` into one buffer for the scales and one for the values,
+    /// in the order given (see [`weights::pack`]); results stay the same.
+    pub fn pack(matrices: &mut [&mut Q8_0Matrix]) {
+        weights::pack(&mut matrices.iter_mut().map(|m| &mut m.d).collect::<Vec<_>>());
+        weights::pack(&mut matrices.iter_mut().map(|m| &mut m.q).collect::<Vec<_>>());
     }
 
     /// Index of row `r`'s block `b` among the scales (times 32: among the weights).
@@ -152,9 +165,9 @@ impl Q8_0Matrix {
         let nb = self.k / QK;
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let at = Self::slot(nb, r, b);
-            let d = self.d[at].to_f32();
+            let d = self.d.as_slice()[at].to_f32();
             o.iter_mut()
-                .zip(&self.q[at * QK..][..QK])
+                .zip(&self.q.as_slice()[at * QK..][..QK])
                 .for_each(|(o, &q)| *o = f32::from(q) * d);
         }
         Ok(())
@@ -163,8 +176,8 @@ impl Q8_0Matrix {
     fn group(&self, g: usize) -> Group<'_> {
         let n = self.k / QK * ROWS;
         Group {
-            d: &self.d[g * n..][..n],
-            q: &self.q[g * n * QK..][..n * QK],
+            d: &self.d.as_slice()[g * n..][..n],
+            q: &self.q.as_slice()[g * n * QK..][..n * QK],
         }
     }
 

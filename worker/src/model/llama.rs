@@ -19,6 +19,7 @@ use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
+use crate::kernels::q4_1::Q4_1Matrix;
 use crate::kernels::q8_0::Q8_0Matrix;
 use crate::kernels::{buffer_prefix, par_row_runs, vec, Isa};
 
@@ -323,7 +324,8 @@ impl Llama {
     }
 
     /// Assembles a model from loaded weights.
-    pub(crate) fn from_parts(p: LlamaParts) -> Self {
+    pub(crate) fn from_parts(mut p: LlamaParts) -> Self {
+        pack_weights(&mut p.blocks, &mut p.lm_head);
         Self {
             rope: Rope::new(&p.cfg),
             cfg: p.cfg,
@@ -550,6 +552,27 @@ impl Llama {
         add_rows(x, d, hsz);
         Ok(())
     }
+}
+
+/// Moves the CPU kernels' weights of every layer, then of the LM head, into one buffer per
+/// kind, in the order a step reads them, so that all of them get huge pages
+/// (`kernels::weights`). A head shared with the token embedding stays where it is (it is one
+/// large buffer already).
+fn pack_weights(blocks: &mut [Block], lm_head: &mut Linear) {
+    let (mut q4_1, mut q8_0) = (Vec::new(), Vec::new());
+    let linears = blocks
+        .iter_mut()
+        .flat_map(|b| [&mut b.qkv, &mut b.wo, &mut b.gate_up, &mut b.down])
+        .chain([lm_head]);
+    for linear in linears {
+        match linear {
+            Linear::Q4_1(m) => q4_1.push(m),
+            Linear::Q8_0(m) => q8_0.extend(Arc::get_mut(m)),
+            Linear::Candle(_) => {}
+        }
+    }
+    Q4_1Matrix::pack(&mut q4_1);
+    Q8_0Matrix::pack(&mut q8_0);
 }
 
 /// Generic path: candle ops on the model's device; K/V still live in the (CPU) paged store.
