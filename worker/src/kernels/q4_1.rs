@@ -316,36 +316,7 @@ impl Q4_1Matrix {
                 }
                 return;
             }
-            // Tasks start on group boundaries (`ROW_ALIGN`); the last may end mid-group.
-            let groups = tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS);
-            let mut g = groups.start;
-            while g < groups.end {
-                let pass = (groups.end - g).min(kernel.groups_per_pass());
-                let rows = g * ROWS..((g + pass) * ROWS).min(tile.rows.end);
-                let mut ti = tile.tokens.start;
-                while ti < tile.tokens.end {
-                    let n = if tile.tokens.end - ti >= TOKENS {
-                        TOKENS
-                    } else {
-                        1
-                    };
-                    // Only the first tokens' pass brings the groups' weights from memory; the
-                    // later ones find them in cache.
-                    let pass = Pass {
-                        m: self,
-                        groups: g..g + pass,
-                        act,
-                        ti,
-                        stream: ti == 0,
-                    };
-                    match n {
-                        TOKENS => kernel.dot_groups(pass, o.columns_mut::<TOKENS>(ti, &rows)),
-                        _ => kernel.dot_groups(pass, o.columns_mut::<1>(ti, &rows)),
-                    }
-                    ti += n;
-                }
-                g += pass;
-            }
+            kernel.dot_tile(self, act, &mut o);
         });
     }
 }
@@ -357,14 +328,110 @@ struct WGroup<'a> {
     blocks: &'a [GroupBlock],
 }
 
-/// One kernel pass: row groups `groups` of `m` (one, or two adjacent) against the tokens of
-/// `act` from `ti`; with `stream`, the pass that reads the weights from memory (prefetching).
-struct Pass<'a> {
-    m: &'a Q4_1Matrix,
+/// How a kernel computes one pass of a multi-token tile: [`Passes::GROUPS`] adjacent row groups
+/// (fewer at the tile's end) against `C` tokens.
+trait Passes {
+    /// Row groups one pass computes together.
+    const GROUPS: usize;
+
+    /// Row groups `groups` of `m` against the token rows `x`, into `out[c]` (token `c`'s values
+    /// of the groups' rows; the last group may be cut). With `stream`, the pass that reads the
+    /// weights from memory (it prefetches ahead).
+    ///
+    /// SAFETY: the implementation's instruction set is available, every `x` fits `m`'s groups,
+    /// `groups` lies within `m` and every `out[c]` holds at most `groups.len() * ROWS` values.
+    unsafe fn pass<const C: usize>(
+        m: &Q4_1Matrix,
+        groups: std::ops::Range<usize>,
+        x: [XRow<'_>; C],
+        stream: bool,
+        out: [&mut [f32]; C],
+    );
+}
+
+/// A multi-token tile: its row groups [`Passes::GROUPS`] at a time, each against the tile's
+/// tokens [`TOKENS`] at a time and then one by one. Only the first tokens' pass brings a
+/// group's weights from memory; the later ones find them in cache. The whole loop is inlined
+/// into each instruction set's entry point, so a pass costs no call and no argument copies.
+///
+/// SAFETY: `P`'s instruction set is available; the tile starts on a group boundary, lies
+/// within `m` and `act`, and `act.k == m.k`.
+#[inline(always)]
+unsafe fn tile_with<P: Passes>(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+    let tile = o.tile.clone();
+    // Tasks start on group boundaries (`ROW_ALIGN`); the last may end mid-group.
+    let groups = tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS);
+    let mut g = groups.start;
+    while g < groups.end {
+        let pass = (groups.end - g).min(P::GROUPS);
+        let rows = g * ROWS..((g + pass) * ROWS).min(tile.rows.end);
+        let mut ti = tile.tokens.start;
+        while ti + TOKENS <= tile.tokens.end {
+            let x = std::array::from_fn(|c| act.row(ti + c));
+            P::pass(
+                m,
+                g..g + pass,
+                x,
+                ti == 0,
+                o.columns_mut::<TOKENS>(ti, &rows),
+            );
+            ti += TOKENS;
+        }
+        while ti < tile.tokens.end {
+            P::pass(
+                m,
+                g..g + pass,
+                [act.row(ti)],
+                ti == 0,
+                o.columns_mut::<1>(ti, &rows),
+            );
+            ti += 1;
+        }
+        g += pass;
+    }
+}
+
+/// `out[c]`, a run of rows starting on a group boundary, cut into one piece per group of
+/// `groups`, each handed to `f` with the group.
+#[inline(always)]
+fn per_group<'o, const C: usize>(
+    m: &Q4_1Matrix,
     groups: std::ops::Range<usize>,
-    act: &'a Q8_1Activations,
-    ti: usize,
-    stream: bool,
+    mut out: [&'o mut [f32]; C],
+    mut f: impl FnMut(WGroup<'_>, [&'o mut [f32]; C]),
+) {
+    for g in groups {
+        let part = std::array::from_fn(|c| {
+            let o = std::mem::take(&mut out[c]);
+            let (part, rest) = o.split_at_mut(o.len().min(ROWS));
+            out[c] = rest;
+            part
+        });
+        f(m.group(g), part);
+    }
+}
+
+/// The portable passes: [`dot_scalar`] per row and token.
+struct ScalarPasses;
+
+impl Passes for ScalarPasses {
+    const GROUPS: usize = 1;
+
+    unsafe fn pass<const C: usize>(
+        m: &Q4_1Matrix,
+        groups: std::ops::Range<usize>,
+        x: [XRow<'_>; C],
+        _stream: bool,
+        out: [&mut [f32]; C],
+    ) {
+        per_group(m, groups, out, |w, out| {
+            for (x, o) in x.into_iter().zip(out) {
+                for (lane, o) in o.iter_mut().enumerate() {
+                    *o = dot_scalar(w, lane, x);
+                }
+            }
+        });
+    }
 }
 
 /// One quantized activation row: per-block scales, `d * sum(q)`, and its int8 values.
@@ -426,95 +493,37 @@ impl Kernel {
         all
     }
 
-    /// Row groups a multi-token pass computes together: two adjacent groups (16 rows, one
-    /// 512-bit register) with AVX-512, which halves the activation loads per product (each
-    /// broadcast serves 16 rows), else one.
-    fn groups_per_pass(self) -> usize {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => 2,
-            _ => 1,
-        }
-    }
-
-    /// The groups of `pass` against tokens `ti..ti + C`, into `out[c]` (token `ti + c`'s
-    /// values of the groups' rows; the last group may be cut).
-    #[inline]
-    fn dot_groups<const C: usize>(self, pass: Pass<'_>, out: [&mut [f32]; C]) {
-        let Pass {
-            m,
-            groups,
-            act,
-            ti,
-            stream,
-        } = pass;
-        let x: [XRow<'_>; C] = std::array::from_fn(|c| act.row(ti + c));
-        let w0 = m.group(groups.start);
+    /// A multi-token tile of `m`'s product with `act` ([`tile_with`]), into `o`.
+    fn dot_tile(self, m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+        let rows = &o.tile.rows;
         assert!(
-            x.iter().all(|x| x.fits(&w0))
-                && groups.end <= m.n_out.div_ceil(ROWS)
-                && out.iter().all(|o| o.len() <= groups.len() * ROWS),
-            "Q4_1 dot: mismatched row lengths"
+            rows.start.is_multiple_of(ROWS)
+                && rows.end <= m.n_out
+                && act.k == m.k
+                && o.tile.tokens.end <= act.t,
+            "Q4_1 dot: tile {:?} of a [{}, {}] matrix against {} tokens of {}",
+            o.tile,
+            m.n_out,
+            m.k,
+            act.t,
+            act.k
         );
         match self {
-            // SAFETY: `Vnni` is only constructed after runtime detection of avx2, fma, f16c,
-            // avx512f, avx512bw, avx512vl and avx512vnni; the lengths were checked above (every group
-            // of `m` has the same lengths).
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni if groups.len() == 2 => unsafe {
-                avx2::dot_pair_vnni(w0, m.group(groups.start + 1), x, stream, out)
-            },
-            _ => {
-                let mut out = out;
-                for g in groups {
-                    let w = m.group(g);
-                    let part = std::array::from_fn(|c| {
-                        let o = std::mem::take(&mut out[c]);
-                        let (part, rest) = o.split_at_mut(o.len().min(ROWS));
-                        out[c] = rest;
-                        part
-                    });
-                    self.dot_group(w, x, stream, part);
-                }
-            }
-        }
-    }
-
-    /// One row group against the `C` token rows `x`, into `out[c]` (at most [`ROWS`] values:
-    /// the last group may be cut). With `stream`, the weights [`PREFETCH_BLOCKS`] ahead are
-    /// prefetched (the pass that reads them from memory).
-    #[inline]
-    fn dot_group<const C: usize>(
-        self,
-        w: WGroup<'_>,
-        x: [XRow<'_>; C],
-        stream: bool,
-        out: [&mut [f32]; C],
-    ) {
-        assert!(
-            x.iter().all(|x| x.fits(&w)) && out.iter().all(|o| o.len() <= ROWS),
-            "Q4_1 dot: mismatched row lengths"
-        );
-        match self {
-            Kernel::Scalar => {
-                for (x, o) in x.into_iter().zip(out) {
-                    for (lane, o) in o.iter_mut().enumerate() {
-                        *o = dot_scalar(w, lane, x);
-                    }
-                }
-            }
+            // SAFETY: the portable passes need no instruction set; shapes checked above.
+            Kernel::Scalar => unsafe { tile_with::<ScalarPasses>(m, act, o) },
             // SAFETY: `Avx2` is only constructed after runtime detection of avx2, fma and
-            // f16c; every row's lengths were checked above.
+            // f16c; shapes checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { avx2::dot_group(w, x, stream, out) },
-            // SAFETY: `Vnni` additionally requires avx512f, avx512vl and avx512vnni, detected.
+            Kernel::Avx2 => unsafe { avx2::tile(m, act, o) },
+            // SAFETY: `Vnni` additionally requires avx512f, avx512bw, avx512vl and avx512vnni,
+            // detected; shapes checked above.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => unsafe { avx2::dot_group_vnni(w, x, stream, out) },
+            Kernel::Vnni => unsafe { avx2::tile_vnni(m, act, o) },
         }
     }
 
     /// Token row `x` against weight rows `rows` of `m` (starting on a group boundary), into
-    /// `out` (`rows.len()` values): what [`Self::dot_group`] gives group by group, in one call.
+    /// `out` (`rows.len()` values): what a one-token pass gives group by group, in one call.
     fn dot_rows_1(
         self,
         m: &Q4_1Matrix,
@@ -577,8 +586,13 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{GroupBlock, Q4_1Matrix, WGroup, XRow, PREFETCH_BLOCKS, QK, ROWS};
+    use super::{
+        per_group, tile_with, GroupBlock, Passes, Q4_1Matrix, Q8_1Activations, WGroup, XRow,
+        PREFETCH_BLOCKS, QK, ROWS,
+    };
+    use crate::kernels::TileOut;
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// Eight f16 values widened to f32.
     ///
@@ -786,18 +800,71 @@ mod avx2 {
         }
     }
 
-    /// [`group_with`] with AVX2.
+    /// The AVX2 passes: [`group_with`] on one row group at a time.
+    pub(super) struct Avx2Passes;
+
+    impl Passes for Avx2Passes {
+        const GROUPS: usize = 1;
+
+        #[inline(always)]
+        unsafe fn pass<const C: usize>(
+            m: &Q4_1Matrix,
+            groups: Range<usize>,
+            x: [XRow<'_>; C],
+            stream: bool,
+            out: [&mut [f32]; C],
+        ) {
+            per_group(m, groups, out, |w, out| {
+                group_with::<Maddubs, C>(w, x, stream, out)
+            });
+        }
+    }
+
+    /// The AVX-512 VNNI passes: two row groups at a time on 512-bit registers
+    /// ([`pair_with`]), a last odd group with [`group_with`].
+    pub(super) struct VnniPasses;
+
+    impl Passes for VnniPasses {
+        const GROUPS: usize = 2;
+
+        #[inline(always)]
+        unsafe fn pass<const C: usize>(
+            m: &Q4_1Matrix,
+            groups: Range<usize>,
+            x: [XRow<'_>; C],
+            stream: bool,
+            out: [&mut [f32]; C],
+        ) {
+            match groups.len() {
+                2 => pair_with(
+                    m.group(groups.start),
+                    m.group(groups.start + 1),
+                    x,
+                    stream,
+                    out,
+                ),
+                _ => per_group(m, groups, out, |w, out| {
+                    group_with::<Dpbusd, C>(w, x, stream, out)
+                }),
+            }
+        }
+    }
+
+    /// [`tile_with`] with AVX2.
     ///
-    /// SAFETY: caller must ensure avx2, fma and f16c, every `x.fits(&w)` and every
-    /// `out[c].len() <= ROWS`.
+    /// SAFETY: as [`tile_with`]; avx2, fma and f16c available.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_group<const C: usize>(
-        w: WGroup<'_>,
-        x: [XRow<'_>; C],
-        stream: bool,
-        out: [&mut [f32]; C],
-    ) {
-        group_with::<Maddubs, C>(w, x, stream, out)
+    pub(super) unsafe fn tile(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+        tile_with::<Avx2Passes>(m, act, o)
+    }
+
+    /// [`tile_with`] with AVX-512 VNNI.
+    ///
+    /// SAFETY: as [`tile_with`]; avx2, fma, f16c, avx512f, avx512bw, avx512vl and avx512vnni
+    /// available.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile_vnni(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+        tile_with::<VnniPasses>(m, act, o)
     }
 
     /// [`rows_1_with`] with AVX2.
@@ -814,29 +881,16 @@ mod avx2 {
         rows_1_with::<Maddubs>(m, groups, x, stream, out)
     }
 
-    /// [`group_with`] with AVX-512 VNNI.
-    ///
-    /// SAFETY: caller must ensure avx2, fma, f16c, avx512vl and avx512vnni, every
-    /// `x.fits(&w)` and every `out[c].len() <= ROWS`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub(super) unsafe fn dot_group_vnni<const C: usize>(
-        w: WGroup<'_>,
-        x: [XRow<'_>; C],
-        stream: bool,
-        out: [&mut [f32]; C],
-    ) {
-        group_with::<Dpbusd, C>(w, x, stream, out)
-    }
-
     /// Two adjacent row groups (16 rows) against `C` tokens on 512-bit registers: group `w0`'s
     /// rows in the low eight lanes, `w1`'s in the high eight, each activation broadcast
     /// serving all 16; otherwise [`group_with`]'s operations lane for lane (same bits).
     /// `out[c]` gets token `c`'s values of the first `out[c].len()` of the 16 rows.
     ///
-    /// SAFETY: caller must ensure avx2, fma, f16c, avx512bw, avx512vl and avx512vnni, every
-    /// `x.fits(&w0)`, `w1` shaped like `w0` and every `out[c].len() <= 2 * ROWS`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn dot_pair_vnni<const C: usize>(
+    /// SAFETY: caller must ensure avx2, fma, f16c, avx512f, avx512bw, avx512vl and
+    /// avx512vnni, every `x.fits(&w0)`, `w1` shaped like `w0` and every
+    /// `out[c].len() <= 2 * ROWS`.
+    #[inline(always)]
+    unsafe fn pair_with<const C: usize>(
         w0: WGroup<'_>,
         w1: WGroup<'_>,
         x: [XRow<'_>; C],
