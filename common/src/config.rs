@@ -134,7 +134,8 @@ pub struct EngineConfig {
     pub block_size: u32,
     /// KV blocks in the pool; derived from `kv_cache_mb` when unset.
     pub num_kv_blocks: Option<u32>,
-    /// Memory budget for the KV cache when `num_kv_blocks` is unset.
+    /// Memory budget for the KV cache when `num_kv_blocks` is unset. The pool is allocated and
+    /// written at start-up, so this much memory is resident from then on.
     pub kv_cache_mb: u32,
     /// Element type of the KV cache (vLLM's `kv_cache_dtype`).
     pub kv_cache_dtype: KvCacheDType,

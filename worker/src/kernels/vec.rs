@@ -28,9 +28,6 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     /// The stored value, exactly.
     fn to_f32(self) -> f32;
-    /// `len` zeros, allocated (not written) up front: the pages of a large KV cache are only
-    /// touched as sequences fill them.
-    fn zeros(len: usize) -> Vec<Self>;
     /// Eight values from `p` widened to `f32`.
     ///
     /// # Safety
@@ -46,9 +43,6 @@ impl KvElem for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    fn zeros(len: usize) -> Vec<Self> {
-        vec![0.0; len]
-    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
@@ -62,10 +56,6 @@ impl KvElem for f16 {
     }
     fn to_f32(self) -> f32 {
         self.to_f32()
-    }
-    fn zeros(len: usize) -> Vec<Self> {
-        use half::vec::HalfBitsVecExt;
-        vec![0u16; len].reinterpret_into()
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
