@@ -76,18 +76,22 @@ pub fn filled<T: Clone>(n: usize, value: T) -> Vec<T> {
 pub fn pack<T: Clone>(bufs: &mut [&mut WeightBuf<T>]) {
     let total = bufs.iter().map(|b| b.len()).sum();
     let mut all = huge_page_vec(total);
-    for b in bufs.iter() {
+    let mut ranges = Vec::with_capacity(bufs.len());
+    for b in bufs.iter_mut() {
+        let start = all.len();
         all.extend_from_slice(b.as_slice());
+        ranges.push(start..all.len());
+        // The old copy goes now (unless something else shares it): loading then needs about
+        // one matrix more than the weights, not twice the weights (the new buffer's pages
+        // are only committed as they are written).
+        **b = WeightBuf::new(Vec::new());
     }
     let all = Arc::new(all);
-    let mut at = 0;
-    for b in bufs.iter_mut() {
-        let n = b.len();
+    for (b, range) in bufs.iter_mut().zip(ranges) {
         **b = WeightBuf {
             buf: Arc::clone(&all),
-            range: at..at + n,
+            range,
         };
-        at += n;
     }
 }
 
@@ -115,6 +119,8 @@ mod tests {
     #[test]
     fn packing_keeps_every_value_and_shares_one_buffer() {
         let mut a = WeightBuf::new(vec![1u16, 2, 3]);
+        // A clone taken before packing keeps the old values.
+        let before = a.clone();
         let mut b = WeightBuf::new(filled(5, 7u16));
         let mut c = WeightBuf::new(Vec::new());
         pack(&mut [&mut a, &mut b, &mut c]);
@@ -126,5 +132,7 @@ mod tests {
         let kept = b.clone();
         drop((a, b, c));
         assert_eq!(kept.as_slice(), &[7; 5]);
+        assert_eq!(before.as_slice(), &[1, 2, 3]);
+        assert!(!before.shares_buffer_with(&kept));
     }
 }
