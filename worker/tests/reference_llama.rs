@@ -16,7 +16,7 @@ use orchard_worker::model::gguf::{self, default_model_path};
 use orchard_worker::model::kv_store::KvCacheDType;
 use orchard_worker::model::{KvStore, KvStoreConfig};
 use orchard_worker::text::gguf_tokenizer;
-use tiny_llama::one_sequence_step;
+use tiny_llama::{one_sequence_step, run_steps_in};
 
 const PROMPTS: [&str; 4] = [
     "The capital of France is",
@@ -93,22 +93,9 @@ fn ours_forced(
     });
     // Blocks in reverse order, so the block table really is consulted.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let mut out = Vec::new();
-    let mut done = 0usize;
-    let mut feed = prompt.to_vec();
-    while out.len() < STEPS.min(forced.len() + 1) {
-        let batch = one_sequence_step(&kv, &table, &feed, done)?;
-        done += feed.len();
-        let row = model
-            .forward(&batch, &mut kv)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        out.push(row);
-        if let Some(&next) = forced.get(out.len() - 1) {
-            feed = vec![next];
-        }
-    }
-    Ok(out)
+    let steps = STEPS.min(forced.len() + 1);
+    let (rows, _) = run_steps_in(model, &mut kv, &table, prompt, steps, Some(forced))?;
+    Ok(rows)
 }
 
 /// How our model compares with the reference over every teacher-forced position.

@@ -63,7 +63,8 @@ pub fn huge_page_vec<T>(n: usize) -> Vec<T> {
     v
 }
 
-/// `n` copies of `value` in a [`huge_page_vec`].
+/// `n` copies of `value` in a [`huge_page_vec`], every page written now (the KV store's pool is
+/// made this way too, so no step pays for its first touch).
 pub fn filled<T: Clone>(n: usize, value: T) -> Vec<T> {
     let mut v = huge_page_vec(n);
     v.resize(n, value);

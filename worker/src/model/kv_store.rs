@@ -36,15 +36,16 @@ pub struct KvPlanes<T> {
 impl<T: KvElem> KvPlanes<T> {
     fn new(cfg: &KvStoreConfig) -> Self {
         let len = cfg.num_blocks * cfg.block_size * cfg.kv_dim;
+        let planes = || {
+            (0..cfg.num_layers)
+                .map(|_| weights::filled(len, T::default()))
+                .collect()
+        };
         Self {
             kv_dim: cfg.kv_dim,
             block_size: cfg.block_size,
-            keys: (0..cfg.num_layers)
-                .map(|_| weights::filled(len, T::default()))
-                .collect(),
-            values: (0..cfg.num_layers)
-                .map(|_| weights::filled(len, T::default()))
-                .collect(),
+            keys: planes(),
+            values: planes(),
         }
     }
 

@@ -175,24 +175,32 @@ pub fn run_steps(
     n: usize,
     forced: Option<&[u32]>,
 ) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
-    const BS: usize = 8;
     let cfg = model.config();
     let mut kv = KvStore::new(KvStoreConfig {
         num_layers: cfg.num_layers,
         num_blocks: 8,
-        block_size: BS,
+        block_size: 8,
         kv_dim: cfg.kv_dim(),
         dtype: orchard_worker::model::kv_store::KvCacheDType::default(),
     });
     let table: Vec<u32> = vec![5, 2, 7, 0, 3, 6, 1, 4];
+    run_steps_in(model, &mut kv, &table, prompt, n, forced)
+}
+
+/// [`run_steps`] on a given KV store, the sequence's blocks listed in `table`.
+pub fn run_steps_in(
+    model: &Llama,
+    kv: &mut KvStore,
+    table: &[u32],
+    prompt: &[u32],
+    n: usize,
+    forced: Option<&[u32]>,
+) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
     let (mut feed, mut done, mut out, mut rows) = (prompt.to_vec(), 0usize, vec![], vec![]);
     while out.len() < n {
-        let batch = one_sequence_step(&kv, &table, &feed, done)?;
+        let batch = one_sequence_step(kv, table, &feed, done)?;
         done += feed.len();
-        let row = model
-            .forward(&batch, &mut kv)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
+        let row = model.forward(&batch, kv)?.squeeze(0)?.to_vec1::<f32>()?;
         let next = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b }) as u32;
         feed = vec![forced
             .and_then(|f| f.get(out.len()).copied())
