@@ -175,37 +175,68 @@ pub fn weighted_sum<T: KvElem>(isa: Isa, y: &mut [f32], p: &[f32], values: HeadR
     }
 }
 
+/// [`scores`] for several query heads against the same keys: `qs` holds the heads' `d`-wide
+/// query rows one after another, and head `h`'s scores go to `out[h * out_stride..][..keys.n]`.
+/// The heads share every key load and their FMA chains run interleaved; each score is still
+/// [`scores`]' chain in its order, so the bits are the per-head call's.
+pub fn scores_heads<T: KvElem>(
+    isa: Isa,
+    qs: &[f32],
+    d: usize,
+    keys: HeadRows<'_, T>,
+    scale: f32,
+    (out, out_stride): (&mut [f32], usize),
+) {
+    let heads = qs.len().checked_div(d).unwrap_or(0);
+    assert!(
+        heads * d == qs.len()
+            && keys.fits(d)
+            && out_stride >= keys.n
+            && (heads == 0 || (heads - 1) * out_stride + keys.n <= out.len()),
+        "scores_heads: lengths"
+    );
+    match isa {
+        // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if d.is_multiple_of(8) && (1..=4).contains(&heads) => unsafe {
+            avx2::scores_heads(avx2::has_avx512vl(), qs, d, keys, scale, (out, out_stride))
+        },
+        _ => {
+            for (h, q) in qs.chunks_exact(d.max(1)).enumerate() {
+                scores(isa, q, keys, scale, &mut out[h * out_stride..][..keys.n]);
+            }
+        }
+    }
+}
+
 /// [`weighted_sum`] for several heads over the same value rows: `ys` holds one `width`-wide
-/// output per head, `ps[h]` that head's weights. The heads' FMA chains run interleaved, so a
-/// narrow slice of columns is not bound by FMA latency; each output element still adds its rows
-/// in `j` order, so the bits are [`weighted_sum`]'s.
+/// output per head, and head `h`'s weights are `p[h * p_stride..][..values.n]`. The heads share
+/// every value load and their FMA chains run interleaved; each output element still adds its
+/// rows in `j` order, so the bits are [`weighted_sum`]'s.
 pub fn weighted_sum_heads<T: KvElem>(
     isa: Isa,
     ys: &mut [f32],
-    ps: &[&[f32]],
+    heads: usize,
+    (p, p_stride): (&[f32], usize),
     values: HeadRows<'_, T>,
 ) {
-    let width = ys.len() / ps.len().max(1);
+    let width = ys.len() / heads.max(1);
     assert!(
-        ys.len() == width * ps.len()
+        ys.len() == width * heads
             && values.fits(width)
-            && ps.iter().all(|p| p.len() >= values.n),
+            && p_stride >= values.n
+            && (heads == 0 || (heads - 1) * p_stride + values.n <= p.len()),
         "weighted_sum_heads: lengths"
     );
     match isa {
         // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if width == 16 && ps.len() <= 4 => unsafe {
-            avx2::weighted_sum_heads::<T, 2>(ys, ps, values)
-        },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if width == 32 && ps.len() <= 4 => unsafe {
-            avx2::weighted_sum_heads::<T, 4>(ys, ps, values)
+        Isa::Avx2 if width.is_multiple_of(8) && (1..=4).contains(&heads) => unsafe {
+            avx2::weighted_sum_heads(avx2::has_avx512vl(), ys, heads, (p, p_stride), values)
         },
         _ => {
-            for (y, p) in ys.chunks_exact_mut(width).zip(ps) {
-                weighted_sum(isa, y, p, values);
+            for (h, y) in ys.chunks_exact_mut(width.max(1)).enumerate() {
+                weighted_sum(isa, y, &p[h * p_stride..][..values.n], values);
             }
         }
     }
@@ -686,37 +717,248 @@ mod avx2 {
         )
     }
 
-    /// `L` lanes of 8 columns per head.
+    /// Whether the CPU has AVX-512VL, whose 32 vector registers (ymm16-31 as well) hold the
+    /// wider multi-head tiles (the answer is cached by `std`).
+    pub(super) fn has_avx512vl() -> bool {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
+    }
+
+    /// [`super::scores_heads`] for 1-4 heads, `d % 8 == 0`: a tile of the heads times `K` keys
+    /// of accumulators, `K` as large as the registers allow (32 of them with `wide`).
     ///
-    /// SAFETY: avx2, fma and f16c available; `ys.len() == 8 * L * ps.len()`,
-    /// `ps.len() <= 4`, `values.fits(8 * L)`, every `p.len() >= values.n`.
+    /// SAFETY: avx2, fma and f16c available, and avx512f and avx512vl with `wide`; the lengths
+    /// `super::scores_heads` checks.
+    pub(super) unsafe fn scores_heads<T: KvElem>(
+        wide: bool,
+        qs: &[f32],
+        d: usize,
+        keys: HeadRows<'_, T>,
+        scale: f32,
+        (out, out_stride): (&mut [f32], usize),
+    ) {
+        let a = (qs, d, keys, scale, out, out_stride);
+        match (qs.len() / d, wide) {
+            (1, _) => scores_heads_avx2::<T, 1, 8>(a),
+            (2, false) => scores_heads_avx2::<T, 2, 4>(a),
+            (3, false) => scores_heads_avx2::<T, 3, 4>(a),
+            (4, false) => scores_heads_avx2::<T, 4, 2>(a),
+            (2, true) => scores_heads_wide::<T, 2, 8>(a),
+            (3, true) => scores_heads_wide::<T, 3, 8>(a),
+            _ => scores_heads_wide::<T, 4, 4>(a),
+        }
+    }
+
+    /// [`super::scores_heads`]' arguments.
+    type ScoresHeadsArgs<'a, 'k, T> =
+        (&'a [f32], usize, HeadRows<'k, T>, f32, &'a mut [f32], usize);
+
+    /// SAFETY: avx2, fma and f16c available; as [`scores_heads`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sum_heads<T: KvElem, const L: usize>(
+    unsafe fn scores_heads_avx2<T: KvElem, const H: usize, const K: usize>(
+        a: ScoresHeadsArgs<'_, '_, T>,
+    ) {
+        scores_heads_with::<T, H, K>(a)
+    }
+
+    /// SAFETY: avx2, fma, f16c, avx512f and avx512vl available; as [`scores_heads`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    unsafe fn scores_heads_wide<T: KvElem, const H: usize, const K: usize>(
+        a: ScoresHeadsArgs<'_, '_, T>,
+    ) {
+        scores_heads_with::<T, H, K>(a)
+    }
+
+    /// `H` heads against `K` keys at a time, then the keys left over head by head.
+    ///
+    /// SAFETY: as [`scores_heads`], `qs.len() == H * d`.
+    #[inline(always)]
+    unsafe fn scores_heads_with<T: KvElem, const H: usize, const K: usize>(
+        (qs, d, keys, scale, out, out_stride): ScoresHeadsArgs<'_, '_, T>,
+    ) {
+        let (qp, base, op) = (
+            qs.as_ptr(),
+            keys.data.as_ptr().add(keys.offset),
+            out.as_mut_ptr(),
+        );
+        let mut j = 0;
+        while j + K <= keys.n {
+            let kp = base.add(j * keys.stride);
+            let acc = match d {
+                64 => head_key_dots::<T, H, K>(qp, 64, kp, keys.stride),
+                _ => head_key_dots::<T, H, K>(qp, d, kp, keys.stride),
+            };
+            for (h, acc) in acc.iter().enumerate() {
+                let o = op.add(h * out_stride + j);
+                if let Ok(acc) = <[__m256; 8]>::try_from(acc.as_slice()) {
+                    _mm256_storeu_ps(o, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+                } else {
+                    for (u, a) in acc.iter().enumerate() {
+                        *o.add(u) = hsum(*a) * scale;
+                    }
+                }
+            }
+            j += K;
+        }
+        if j < keys.n {
+            let rest = HeadRows {
+                data: &keys.data[j * keys.stride..],
+                n: keys.n - j,
+                ..keys
+            };
+            for h in 0..H {
+                let o = std::slice::from_raw_parts_mut(op.add(h * out_stride + j), rest.n);
+                scores(&qs[h * d..][..d], rest, scale, o);
+            }
+        }
+    }
+
+    /// The lane accumulators of `q_h · k_u` for `H` query rows (`q_h` at `q + h * d`) and `K`
+    /// keys (`k_u` at `keys + u * stride`), each chain in [`key_dots`]' order.
+    ///
+    /// SAFETY: avx2, fma and f16c available; `d % 8 == 0`, `H * d` values at `q`, `d` at every
+    /// key.
+    #[inline(always)]
+    unsafe fn head_key_dots<T: KvElem, const H: usize, const K: usize>(
+        q: *const f32,
+        d: usize,
+        keys: *const T,
+        stride: usize,
+    ) -> [[__m256; K]; H] {
+        let mut acc = [[_mm256_setzero_ps(); K]; H];
+        let mut i = 0;
+        while i < d {
+            let mut x = [_mm256_setzero_ps(); H];
+            for (h, x) in x.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(q.add(h * d + i));
+            }
+            // `u` picks a key and a column of the tile.
+            #[allow(clippy::needless_range_loop)]
+            for u in 0..K {
+                let k = T::load8(keys.add(u * stride + i));
+                for h in 0..H {
+                    acc[h][u] = _mm256_fmadd_ps(x[h], k, acc[h][u]);
+                }
+            }
+            i += 8;
+        }
+        acc
+    }
+
+    /// [`super::weighted_sum_heads`] for 1-4 heads, `width % 8 == 0`: `L` vectors of columns
+    /// per head in registers, `L` as large as the registers allow (32 of them with `wide`).
+    ///
+    /// SAFETY: avx2, fma and f16c available, and avx512f and avx512vl with `wide`; the lengths
+    /// `super::weighted_sum_heads` checks.
+    pub(super) unsafe fn weighted_sum_heads<T: KvElem>(
+        wide: bool,
         ys: &mut [f32],
-        ps: &[&[f32]],
+        heads: usize,
+        (p, p_stride): (&[f32], usize),
         values: HeadRows<'_, T>,
     ) {
-        let (heads, w) = (ps.len(), 8 * L);
-        let (yp, base) = (ys.as_mut_ptr(), values.data.as_ptr().add(values.offset));
-        let mut acc = [[_mm256_setzero_ps(); L]; 4];
-        for (h, a) in acc[..heads].iter_mut().enumerate() {
+        let a = (ys, p, p_stride, values);
+        match (heads, wide) {
+            (1, _) => weighted_heads_avx2::<T, 1, 8>(a),
+            (2, false) => weighted_heads_avx2::<T, 2, 4>(a),
+            (3, false) => weighted_heads_avx2::<T, 3, 2>(a),
+            (4, false) => weighted_heads_avx2::<T, 4, 2>(a),
+            (2, true) => weighted_heads_wide::<T, 2, 8>(a),
+            (3, true) => weighted_heads_wide::<T, 3, 8>(a),
+            _ => weighted_heads_wide::<T, 4, 4>(a),
+        }
+    }
+
+    /// [`super::weighted_sum_heads`]' arguments.
+    type WeightedHeadsArgs<'a, 'v, T> = (&'a mut [f32], &'a [f32], usize, HeadRows<'v, T>);
+
+    /// SAFETY: avx2, fma and f16c available; as [`weighted_sum_heads`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_heads_avx2<T: KvElem, const H: usize, const L: usize>(
+        a: WeightedHeadsArgs<'_, '_, T>,
+    ) {
+        weighted_heads_with::<T, H, L>(a)
+    }
+
+    /// SAFETY: avx2, fma, f16c, avx512f and avx512vl available; as [`weighted_sum_heads`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
+    unsafe fn weighted_heads_wide<T: KvElem, const H: usize, const L: usize>(
+        a: WeightedHeadsArgs<'_, '_, T>,
+    ) {
+        weighted_heads_with::<T, H, L>(a)
+    }
+
+    /// The columns `8 * L` at a time, then in narrower passes.
+    ///
+    /// SAFETY: as [`weighted_sum_heads`], `ys.len() == H * width`, `width % 8 == 0`.
+    #[inline(always)]
+    unsafe fn weighted_heads_with<T: KvElem, const H: usize, const L: usize>(
+        (ys, p, p_stride, values): WeightedHeadsArgs<'_, '_, T>,
+    ) {
+        let width = ys.len() / H;
+        let mut c = 0;
+        while c + 8 * L <= width {
+            weighted_heads_columns::<T, H, L>(ys, width, c, (p, p_stride), values);
+            c += 8 * L;
+        }
+        // Narrower passes for what is left (all of a split task's columns, when they are fewer
+        // than `8L`).
+        if L > 4 {
+            while c + 32 <= width {
+                weighted_heads_columns::<T, H, 4>(ys, width, c, (p, p_stride), values);
+                c += 32;
+            }
+        }
+        if L > 2 {
+            while c + 16 <= width {
+                weighted_heads_columns::<T, H, 2>(ys, width, c, (p, p_stride), values);
+                c += 16;
+            }
+        }
+        while c < width {
+            weighted_heads_columns::<T, H, 1>(ys, width, c, (p, p_stride), values);
+            c += 8;
+        }
+    }
+
+    /// Columns `c..c + 8L` of each head's output: `y_h += sum_j p_h[j] * row_j`, rows in `j`
+    /// order, the `H * L` accumulators in registers.
+    ///
+    /// SAFETY: avx2, fma and f16c available; `c + 8L <= width`, `ys.len() == H * width`, the
+    /// weights and rows `super::weighted_sum_heads` checks.
+    #[inline(always)]
+    unsafe fn weighted_heads_columns<T: KvElem, const H: usize, const L: usize>(
+        ys: &mut [f32],
+        width: usize,
+        c: usize,
+        (p, p_stride): (&[f32], usize),
+        values: HeadRows<'_, T>,
+    ) {
+        let (yp, pp) = (ys.as_mut_ptr().add(c), p.as_ptr());
+        let base = values.data.as_ptr().add(values.offset + c);
+        let mut acc = [[_mm256_setzero_ps(); L]; H];
+        for (h, a) in acc.iter_mut().enumerate() {
             for (l, a) in a.iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(yp.add(w * h + 8 * l));
+                *a = _mm256_loadu_ps(yp.add(h * width + 8 * l));
             }
         }
         for j in 0..values.n {
             let row = base.add(j * values.stride);
-            let v: [__m256; L] = std::array::from_fn(|l| T::load8(row.add(8 * l)));
-            for (a, p) in acc[..heads].iter_mut().zip(ps) {
-                let wj = _mm256_set1_ps(*p.get_unchecked(j));
-                for (a, v) in a.iter_mut().zip(v) {
-                    *a = _mm256_fmadd_ps(wj, v, *a);
+            let mut w = [_mm256_setzero_ps(); H];
+            for (h, w) in w.iter_mut().enumerate() {
+                *w = _mm256_set1_ps(*pp.add(h * p_stride + j));
+            }
+            // `l` picks a vector of the row and a column of the tile.
+            #[allow(clippy::needless_range_loop)]
+            for l in 0..L {
+                let v = T::load8(row.add(8 * l));
+                for h in 0..H {
+                    acc[h][l] = _mm256_fmadd_ps(w[h], v, acc[h][l]);
                 }
             }
         }
-        for (h, a) in acc[..heads].iter().enumerate() {
+        for (h, a) in acc.iter().enumerate() {
             for (l, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(yp.add(w * h + 8 * l), *a);
+                _mm256_storeu_ps(yp.add(h * width + 8 * l), *a);
             }
         }
     }
@@ -985,28 +1227,81 @@ mod tests {
         Ok(())
     }
 
-    /// Several heads at once give each head's `weighted_sum` bits.
+    /// Several heads at once give each head's `weighted_sum` and `scores` bits, for every head
+    /// count and width the multi-head kernels have a tile for and some they leave to the
+    /// per-head path.
     #[test]
-    fn weighted_sum_heads_equals_weighted_sum_per_head() {
+    fn multi_head_kernels_equal_the_per_head_kernels() {
         let isa = Isa::detect();
-        let (stride, n) = (48usize, 37usize);
-        let v = wave(n * stride, 0.29);
-        let ps: Vec<Vec<f32>> = (0..3).map(|h| wave(n, 0.1 + h as f32)).collect();
-        let refs: Vec<&[f32]> = ps.iter().map(|p| p.as_slice()).collect();
-        for width in [32usize, 16, 8] {
-            let values = HeadRows {
-                data: &v,
-                stride,
-                offset: 16,
-                n,
-            };
-            let mut together = wave(3 * width, 0.5);
-            let mut apart = together.clone();
-            weighted_sum_heads(isa, &mut together, &refs, values);
-            for (y, p) in apart.chunks_exact_mut(width).zip(&refs) {
-                weighted_sum(isa, y, p, values);
+        let stride = 200usize;
+        let v = wave(37 * stride, 0.29);
+        // Key counts below one tile, whole tiles, and tiles plus four-key and one-key tails.
+        for (heads, n) in (1..=5usize).flat_map(|h| [3usize, 16, 37].map(|n| (h, n))) {
+            let p_stride = n + 3;
+            let p = wave(heads * p_stride, 0.1 + heads as f32);
+            for width in [64usize, 32, 16, 8, 24, 12] {
+                let values = HeadRows {
+                    data: &v,
+                    stride,
+                    offset: 16,
+                    n,
+                };
+                let mut together = wave(heads * width, 0.5);
+                let mut apart = together.clone();
+                weighted_sum_heads(isa, &mut together, heads, (&p, p_stride), values);
+                for (h, y) in apart.chunks_exact_mut(width).enumerate() {
+                    weighted_sum(isa, y, &p[h * p_stride..][..n], values);
+                }
+                assert_eq!(
+                    together, apart,
+                    "weighted sums, {heads} heads, width {width}, n {n}"
+                );
+
+                let qs = wave(heads * width, 0.37);
+                let out_stride = n + 5;
+                let mut together = vec![0f32; heads * out_stride];
+                let mut apart = together.clone();
+                scores_heads(isa, &qs, width, values, 0.125, (&mut together, out_stride));
+                for (h, q) in qs.chunks_exact(width).enumerate() {
+                    scores(isa, q, values, 0.125, &mut apart[h * out_stride..][..n]);
+                }
+                assert_eq!(
+                    together, apart,
+                    "scores, {heads} heads, width {width}, n {n}"
+                );
+
+                // The 16-register tiles a CPU without AVX-512VL gets.
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx2 && (1..=4).contains(&heads) && width % 8 == 0 {
+                    let mut narrow = vec![0f32; heads * out_stride];
+                    // SAFETY: AVX2 detected; the lengths are the checked call's above.
+                    unsafe {
+                        avx2::scores_heads(
+                            false,
+                            &qs,
+                            width,
+                            values,
+                            0.125,
+                            (&mut narrow, out_stride),
+                        )
+                    };
+                    assert_eq!(
+                        narrow, apart,
+                        "narrow scores, {heads} heads, width {width}, n {n}"
+                    );
+                    let mut narrow = wave(heads * width, 0.5);
+                    let mut wide = narrow.clone();
+                    // SAFETY: as above, against the checked public call.
+                    unsafe {
+                        avx2::weighted_sum_heads(false, &mut narrow, heads, (&p, p_stride), values)
+                    };
+                    weighted_sum_heads(isa, &mut wide, heads, (&p, p_stride), values);
+                    assert_eq!(
+                        narrow, wide,
+                        "narrow weighted sums, {heads} heads, width {width}, n {n}"
+                    );
+                }
             }
-            assert_eq!(together, apart, "width {width}");
         }
     }
 

@@ -257,9 +257,7 @@ fn attend_heads<T: KvElem>(
                     continue;
                 };
                 let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
-                for (p, q) in p.chunks_exact_mut(span).zip(qs.chunks_exact(d)) {
-                    vec::scores(isa, q, rows(keys, n), scale, &mut p[first..first + n]);
-                }
+                vec::scores_heads(isa, qs, d, rows(keys, n), scale, (&mut p[first..], span));
             }
         }
         for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
@@ -278,12 +276,12 @@ fn attend_heads<T: KvElem>(
                 let Some(n) = seen(ctx, first, n) else {
                     continue;
                 };
-                for (p, acc) in p.chunks_exact(span).zip(out.chunks_exact_mut(d)) {
-                    if ctx == 2 && n == 2 {
+                if ctx == 2 && n == 2 {
+                    for (p, acc) in p.chunks_exact(span).zip(out.chunks_exact_mut(d)) {
                         vec::weighted_pair(acc, [p[0], p[1]], rows(values, n));
-                    } else {
-                        vec::weighted_sum(isa, acc, &p[first..first + n], rows(values, n));
                     }
+                } else {
+                    vec::weighted_sum_heads(isa, out, nh, (&p[first..], span), rows(values, n));
                 }
             }
         }
@@ -352,12 +350,12 @@ fn attend_split<T: KvElem>(
             let (keys, _) = kv.rows(layer, ahead * bs, an);
             vec::prefetch_rows(rows(keys, 0, 0, an), heads.num_kv_heads * d);
         }
-        for (h, (s, q)) in sc
-            .chunks_exact_mut(bs)
-            .zip(token.q_row.chunks_exact(d))
+        for (g, (s, qs)) in sc
+            .chunks_exact_mut(group * bs)
+            .zip(token.q_row.chunks_exact(group * d))
             .enumerate()
         {
-            vec::scores(isa, q, rows(keys, h / group, 0, n), scale, &mut s[..n]);
+            vec::scores_heads(isa, qs, d, rows(keys, g, 0, n), scale, (s, bs));
         }
     });
     // Each head's row gathered in position order, then its softmax.
@@ -373,7 +371,6 @@ fn attend_split<T: KvElem>(
     let mut parts = vec![0f32; heads.num_kv_heads * chunks * group * cols];
     team::for_each_chunk_mut(&mut parts, group * cols, |u, acc| {
         let (g, c) = (u / chunks, u % chunks);
-        let mut ps: Vec<&[f32]> = Vec::with_capacity(group);
         for (bi, &(block, first, n)) in blocks.iter().enumerate() {
             let (_, values) = kv.rows(layer, block * bs, n);
             let v = rows(values, g, c * cols, n);
@@ -383,9 +380,8 @@ fn attend_split<T: KvElem>(
                     cols,
                 );
             }
-            ps.clear();
-            ps.extend((0..group).map(|hi| &probs[(g * group + hi) * ctx + first..][..n]));
-            vec::weighted_sum_heads(isa, acc, &ps, v);
+            let ps = &probs[g * group * ctx + first..];
+            vec::weighted_sum_heads(isa, acc, group, (ps, ctx), v);
         }
     });
     for (u, acc) in parts.chunks_exact(group * cols).enumerate() {
