@@ -69,8 +69,14 @@ impl KvElem for f16 {
 /// `softmax_last_dim` arithmetic (`f32::exp`, the sum as candle's `vec_sum` orders it for `isa`,
 /// then a division per element). An empty slice is left as it is.
 pub fn softmax(isa: Isa, x: &mut [f32]) {
-    let Some(max) = x.iter().copied().reduce(f32::max) else {
+    if x.is_empty() {
         return;
+    }
+    let max = match isa {
+        Isa::Scalar => x.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        // SAFETY: `Avx2` only comes from runtime detection.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::max(x) },
     };
     exp_shifted(isa, x, max);
     let sum = match isa {
@@ -588,6 +594,31 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub(super) unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
         swiglu_with::<Avx512Exp>(gate, up, out)
+    }
+
+    /// The largest element of `x`, NaNs ignored as `f32::max` ignores them (`-inf` for an
+    /// empty or all-NaN slice): the maximum does not depend on the order it is taken in, so
+    /// four vectors of running maxima give `f32::max`'s fold.
+    ///
+    /// SAFETY: avx available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn max(x: &[f32]) -> f32 {
+        let mut acc = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+        let chunks = x.chunks_exact(32);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (i, a) in acc.iter_mut().enumerate() {
+                // `max_ps(v, a)` is `a` when `v` is NaN, and `a` is never NaN.
+                *a = _mm256_max_ps(_mm256_loadu_ps(chunk.as_ptr().add(8 * i)), *a);
+            }
+        }
+        let m = _mm256_max_ps(_mm256_max_ps(acc[0], acc[1]), _mm256_max_ps(acc[2], acc[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        lanes
+            .into_iter()
+            .chain(tail.iter().copied())
+            .fold(f32::NEG_INFINITY, f32::max)
     }
 
     #[inline(always)]
@@ -1333,6 +1364,31 @@ mod tests {
                 weighted_sum(isa, &mut got, &p, rows);
                 assert_eq!(got, want, "weighted sum, d = {d}, n = {n}");
             }
+        }
+    }
+
+    /// The vector maximum is `f32::max`'s fold: wherever the largest element is (in a whole
+    /// chunk or the tail), with NaNs among the values, and for all -inf.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_max_is_the_scalar_fold() {
+        if Isa::detect() == Isa::Scalar {
+            return;
+        }
+        for n in [1usize, 7, 32, 33, 64, 100, 517] {
+            for at in [0, n / 2, n - 1] {
+                let mut x = wave(n, 0.37);
+                x[at] = 9.5;
+                if n > 3 {
+                    x[(at + 1) % n] = f32::NAN;
+                }
+                let want = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // SAFETY: AVX2 detected above.
+                assert_eq!(unsafe { avx2::max(&x) }, want, "n = {n}, max at {at}");
+            }
+            let x = vec![f32::NEG_INFINITY; n];
+            // SAFETY: as above.
+            assert_eq!(unsafe { avx2::max(&x) }, f32::NEG_INFINITY);
         }
     }
 
