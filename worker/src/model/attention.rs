@@ -37,7 +37,7 @@ const PARALLEL_MIN_TOKENS: usize = 4;
 
 /// Consecutive tokens of one sequence that a prefill task attends together: each K/V block is
 /// brought into cache once for all of them (a long prompt's K/V does not fit in L2).
-const QUERY_TILE: usize = 4;
+const QUERY_TILE: usize = 8;
 
 /// A step with fewer tokens (decode) spreads a token's attention over the compute team (see
 /// [`attend_split`]) once the token covers this many (head, position) pairs; below it, the

@@ -254,9 +254,13 @@ fn prefill_token_alone(dtype: KvCacheDType) {
 
 #[test]
 fn query_tiles_split_runs_of_one_sequence() {
+    // One token more than a tile of sequence 0, then two of sequence 1 and one of 2.
+    let qt = QUERY_TILE;
+    let mut owners = vec![0; qt + 1];
+    owners.extend([1, 1, 2]);
     assert_eq!(
-        query_tiles(&[0, 0, 0, 0, 0, 1, 1, 2]),
-        vec![0..4, 4..5, 5..7, 7..8]
+        query_tiles(&owners),
+        vec![0..qt, qt..qt + 1, qt + 1..qt + 3, qt + 3..qt + 4]
     );
     assert!(query_tiles(&[]).is_empty());
 }
