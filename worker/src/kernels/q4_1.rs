@@ -605,6 +605,7 @@ mod avx2 {
         per_group, tile_with, GroupBlock, Passes, Q4_1Matrix, Q8_1Activations, WGroup, XRow,
         PREFETCH_BLOCKS, QK, ROWS,
     };
+    use crate::kernels::vec::avx2 as vec_avx2;
     use crate::kernels::TileOut;
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -668,7 +669,7 @@ mod avx2 {
             v[b] = block_values(xb.as_ptr().add(b * QK));
             m[b] = block_amax(v[b]);
         }
-        let amax = reduce8(m, |a, b| _mm256_max_ps(a, b));
+        let amax = vec_avx2::reduce8(m, |a, b| _mm256_max_ps(a, b));
         let dx = _mm256_div_ps(amax, _mm256_set1_ps(127.0));
         // `dx != 0.0` as Rust compares (true for NaN): not-equal, unordered.
         let nonzero = _mm256_cmp_ps::<_CMP_NEQ_UQ>(dx, _mm256_setzero_ps());
@@ -680,7 +681,7 @@ mod avx2 {
             let t = block_round(v[b], _mm256_set1_ps(ids[b]), qb.as_mut_ptr().add(b * QK));
             totals[b] = _mm256_castsi256_ps(t);
         }
-        let sums = reduce8(totals, |a, b| {
+        let sums = vec_avx2::reduce8(totals, |a, b| {
             _mm256_castsi256_ps(_mm256_add_epi32(
                 _mm256_castps_si256(a),
                 _mm256_castps_si256(b),
@@ -741,33 +742,6 @@ mod avx2 {
         );
         _mm256_storeu_si256(qb as *mut __m256i, bytes);
         _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]))
-    }
-
-    /// Lane `j` of the result: `op` folded over the eight lanes of `a[j]` (for an associative
-    /// and commutative `op` such as max or integer addition, where the pairing is irrelevant).
-    ///
-    /// SAFETY: avx available.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn reduce8(a: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
-        // t_j: lanes 0-3 fold a_j's halves, lanes 4-7 a_{j+4}'s.
-        let t: [__m256; 4] = std::array::from_fn(|j| {
-            op(
-                _mm256_permute2f128_ps::<0x20>(a[j], a[j + 4]),
-                _mm256_permute2f128_ps::<0x31>(a[j], a[j + 4]),
-            )
-        });
-        let x = |p: __m256, q: __m256| {
-            op(
-                _mm256_shuffle_ps::<0x44>(p, q),
-                _mm256_shuffle_ps::<0xEE>(p, q),
-            )
-        };
-        let (x01, x23) = (x(t[0], t[1]), x(t[2], t[3]));
-        op(
-            _mm256_shuffle_ps::<0x88>(x01, x23),
-            _mm256_shuffle_ps::<0xDD>(x01, x23),
-        )
     }
 
     /// Eight f32 rounded to f16 (round to nearest even, as `half::f16::from_f32`) and back.

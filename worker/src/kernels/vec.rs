@@ -387,7 +387,7 @@ pub fn exp_shifted(isa: Isa, x: &mut [f32], sub: f32) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::{HeadRows, KvElem};
     use std::arch::x86_64::*;
 
@@ -727,22 +727,34 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn hsum8(a: [__m256; 8]) -> __m256 {
-        // t_j[l] = a_j[l] + a_j[l + 4]: keys j and j + 4 in the two 128-bit halves.
+        reduce8(a, |p, q| _mm256_add_ps(p, q))
+    }
+
+    /// Lane `j` of the result: `op` folded over the eight lanes of `a[j]`, paired as
+    /// `op(op(op(l0, l4), op(l2, l6)), op(op(l1, l5), op(l3, l7)))` ([`hsum`]'s pairing, which
+    /// a floating-point sum needs to be its bits; an associative and commutative `op` such
+    /// as a maximum or an integer sum gives the same result in any pairing).
+    ///
+    /// SAFETY: avx available.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) unsafe fn reduce8(a: [__m256; 8], op: impl Fn(__m256, __m256) -> __m256) -> __m256 {
+        // t_j: lanes 0-3 fold a_j's halves (l, l + 4), lanes 4-7 a_{j+4}'s.
         let t: [__m256; 4] = std::array::from_fn(|j| {
-            _mm256_add_ps(
+            op(
                 _mm256_permute2f128_ps::<0x20>(a[j], a[j + 4]),
                 _mm256_permute2f128_ps::<0x31>(a[j], a[j + 4]),
             )
         });
-        // x[l] = (t0 + t2, t1 + t3) for two keys per half.
+        // (t0 op t2, t1 op t3) for two vectors per half.
         let x = |p: __m256, q: __m256| {
-            _mm256_add_ps(
+            op(
                 _mm256_shuffle_ps::<0x44>(p, q),
                 _mm256_shuffle_ps::<0xEE>(p, q),
             )
         };
         let (x01, x23) = (x(t[0], t[1]), x(t[2], t[3]));
-        _mm256_add_ps(
+        op(
             _mm256_shuffle_ps::<0x88>(x01, x23),
             _mm256_shuffle_ps::<0xDD>(x01, x23),
         )
