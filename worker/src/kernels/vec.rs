@@ -181,6 +181,10 @@ pub fn weighted_sum<T: KvElem>(isa: Isa, y: &mut [f32], p: &[f32], values: HeadR
     }
 }
 
+/// Query heads one multi-head kernel call takes (the register tiles have 1-4 heads); larger
+/// groups run in several calls.
+const MAX_TILE_HEADS: usize = 4;
+
 /// [`scores`] for several query heads against the same keys: `qs` holds the heads' `d`-wide
 /// query rows one after another, and head `h`'s scores go to `out[h * out_stride..][..keys.n]`.
 /// The heads share every key load and their FMA chains run interleaved; each score is still
@@ -204,9 +208,20 @@ pub fn scores_heads<T: KvElem>(
     match isa {
         // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if d.is_multiple_of(8) && (1..=4).contains(&heads) => unsafe {
+        Isa::Avx2 if d.is_multiple_of(8) && (1..=MAX_TILE_HEADS).contains(&heads) => unsafe {
             avx2::scores_heads(avx2::has_avx512vl(), qs, d, keys, scale, (out, out_stride))
         },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if d.is_multiple_of(8) && heads > 0 => {
+            let wide = avx2::has_avx512vl();
+            // Groups of more than four heads (TinyLlama's 8, ...) in runs of at most four.
+            for (i, qs) in qs.chunks(MAX_TILE_HEADS * d).enumerate() {
+                let out = &mut out[i * MAX_TILE_HEADS * out_stride..];
+                // SAFETY: `Avx2` only comes from runtime detection; each run of 1-4 heads lies
+                // inside the lengths checked above.
+                unsafe { avx2::scores_heads(wide, qs, d, keys, scale, (out, out_stride)) };
+            }
+        }
         _ => {
             for (h, q) in qs.chunks_exact(d.max(1)).enumerate() {
                 scores(isa, q, keys, scale, &mut out[h * out_stride..][..keys.n]);
@@ -237,9 +252,18 @@ pub fn weighted_sum_heads<T: KvElem>(
     match isa {
         // SAFETY: `Avx2` only comes from runtime detection; lengths checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if width.is_multiple_of(8) && (1..=4).contains(&heads) => unsafe {
+        Isa::Avx2 if width.is_multiple_of(8) && (1..=MAX_TILE_HEADS).contains(&heads) => unsafe {
             avx2::weighted_sum_heads(avx2::has_avx512vl(), ys, heads, (p, p_stride), values)
         },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if width.is_multiple_of(8) && heads > 0 => {
+            let wide = avx2::has_avx512vl();
+            for (i, ys) in ys.chunks_mut(MAX_TILE_HEADS * width).enumerate() {
+                let (n, p) = (ys.len() / width, &p[i * MAX_TILE_HEADS * p_stride..]);
+                // SAFETY: as in `scores_heads`: runs of 1-4 heads inside the checked lengths.
+                unsafe { avx2::weighted_sum_heads(wide, ys, n, (p, p_stride), values) };
+            }
+        }
         _ => {
             for (h, y) in ys.chunks_exact_mut(width.max(1)).enumerate() {
                 weighted_sum(isa, y, &p[h * p_stride..][..values.n], values);
@@ -1270,8 +1294,8 @@ mod tests {
         Ok(())
     }
 
-    /// Several heads at once give each head's `weighted_sum` and `scores` bits, for every head
-    /// count and width the multi-head kernels have a tile for and some they leave to the
+    /// Several heads at once give each head's `weighted_sum` and `scores` bits: 1-9 heads (in
+    /// runs of at most four), widths the tiles take whole, in narrower passes, or leave to the
     /// per-head path.
     #[test]
     fn multi_head_kernels_equal_the_per_head_kernels() {
@@ -1279,7 +1303,7 @@ mod tests {
         let stride = 200usize;
         let v = wave(37 * stride, 0.29);
         // Key counts below one tile, whole tiles, and tiles plus four-key and one-key tails.
-        for (heads, n) in (1..=5usize).flat_map(|h| [3usize, 16, 37].map(|n| (h, n))) {
+        for (heads, n) in (1..=9usize).flat_map(|h| [3usize, 16, 37].map(|n| (h, n))) {
             let p_stride = n + 3;
             let p = wave(heads * p_stride, 0.1 + heads as f32);
             for width in [64usize, 32, 16, 8, 24, 12] {
