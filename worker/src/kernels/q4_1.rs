@@ -640,8 +640,8 @@ mod avx2 {
         let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
         let dx = amax / 127.0;
-        let id = _mm256_set1_ps(if dx != 0.0 { 1.0 / dx } else { 0.0 });
-        let total = block_round(v, id, qb.as_mut_ptr());
+        let id = if dx != 0.0 { 1.0 / dx } else { 0.0 };
+        let total = block_round(v, _mm256_set1_ps(id), !id.is_finite(), qb.as_mut_ptr());
         let t4 = _mm_add_epi32(
             _mm256_castsi256_si128(total),
             _mm256_extracti128_si256::<1>(total),
@@ -676,9 +676,19 @@ mod avx2 {
         let id = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0), dx), nonzero);
         let mut ids = [0f32; 8];
         _mm256_storeu_ps(ids.as_mut_ptr(), id);
+        let not_finite = _mm256_cmp_ps::<_CMP_NLT_UQ>(
+            _mm256_andnot_ps(_mm256_set1_ps(-0.0), id),
+            _mm256_set1_ps(f32::INFINITY),
+        );
+        let saturate = _mm256_movemask_ps(not_finite) != 0;
         let mut totals = [_mm256_setzero_ps(); 8];
         for b in 0..8 {
-            let t = block_round(v[b], _mm256_set1_ps(ids[b]), qb.as_mut_ptr().add(b * QK));
+            let t = block_round(
+                v[b],
+                _mm256_set1_ps(ids[b]),
+                saturate,
+                qb.as_mut_ptr().add(b * QK),
+            );
             totals[b] = _mm256_castsi256_ps(t);
         }
         let sums = vec_avx2::reduce8(totals, |a, b| {
@@ -716,12 +726,15 @@ mod avx2 {
     }
 
     /// `round(x * id)` (halves away from zero) of a block's values as int8 at `qb`; returns
-    /// the lane-wise sum of the four vectors of rounded values (as i32).
+    /// the lane-wise sum of the four vectors of rounded values (as i32). `saturate` is for an
+    /// `id` that is not finite (a block of values so small that `1 / d` overflowed): the
+    /// products are then infinite or NaN, and are cast as the scalar path's saturating
+    /// `as i8` casts them (to -128 or 127, NaN to 0).
     ///
     /// SAFETY: avx2 available; 32 writable bytes at `qb`.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn block_round(v: [__m256; 4], id: __m256, qb: *mut i8) -> __m256i {
+    unsafe fn block_round(v: [__m256; 4], id: __m256, saturate: bool, qb: *mut i8) -> __m256i {
         let sign = _mm256_set1_ps(-0.0);
         let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
         let q = v.map(|x| {
@@ -730,9 +743,18 @@ mod avx2 {
             let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
             let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
             let away = _mm256_or_ps(_mm256_and_ps(x, sign), one);
-            _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, away)))
+            let r = _mm256_add_ps(t, _mm256_and_ps(up, away));
+            if !saturate {
+                return _mm256_cvtps_epi32(r);
+            }
+            let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(r, r);
+            let r = _mm256_min_ps(
+                _mm256_max_ps(r, _mm256_set1_ps(-128.0)),
+                _mm256_set1_ps(127.0),
+            );
+            _mm256_cvtps_epi32(_mm256_and_ps(r, ordered))
         });
-        // i32 -> i8 (every value is within [-127, 127], so nothing saturates), then undo the
+        // i32 -> i8 (every value is within [-128, 127], so nothing saturates), then undo the
         // 128-bit-lane interleaving of the two packs.
         let w01 = _mm256_packs_epi32(q[0], q[1]);
         let w23 = _mm256_packs_epi32(q[2], q[3]);
@@ -1080,9 +1102,15 @@ mod tests {
         x[64..96].fill(-3.5); // every value at the block's max
         x[96] = 127.0 * 0.5; // halves after scaling
         x[128..160].fill(1e30); // a scale past f16's range
-                                // One block per row; runs of eight blocks with and without blocks left over; a decode
-                                // token's rows.
-        for (t, k) in [(40, 32), (4, 320), (3, 352), (1, 576), (1, 1280)] {
+                                // Values so small that `1 / d` overflows to infinity: the products saturate (and zero
+                                // times infinity is NaN, cast to 0).
+        for (i, v) in x[160..192].iter_mut().enumerate() {
+            *v = [1e-40, -1e-40, 0.0, 5e-41][i % 4];
+        }
+        // One block per row; runs of eight blocks with and without blocks left over (the small
+        // block above goes through the one-block kernel at [1, 192]); a decode
+        // token's rows.
+        for (t, k) in [(40, 32), (4, 320), (3, 352), (1, 192), (1, 576), (1, 1280)] {
             let x = &x[..t * k];
             let (scalar, simd) = (
                 Q8_1Activations::quantize_with(x, t, k, Isa::Scalar),
