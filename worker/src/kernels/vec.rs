@@ -700,16 +700,16 @@ pub(crate) mod avx2 {
             let kp = base.add(j * keys.stride);
             // The common head widths with a constant trip count (no loop overhead per FMA).
             let acc = match d {
-                64 => key_dots::<T, 8>(qp, 64, kp, keys.stride),
-                128 => key_dots::<T, 8>(qp, 128, kp, keys.stride),
-                _ => key_dots::<T, 8>(qp, d, kp, keys.stride),
+                64 => head_key_dots::<T, 1, 8>(qp, 64, kp, keys.stride),
+                128 => head_key_dots::<T, 1, 8>(qp, 128, kp, keys.stride),
+                _ => head_key_dots::<T, 1, 8>(qp, d, kp, keys.stride),
             };
-            let s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale));
+            let s = _mm256_mul_ps(hsum8(acc[0]), _mm256_set1_ps(scale));
             _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
             j += 8;
         }
         while j + 4 <= keys.n {
-            let acc = key_dots::<T, 4>(qp, d, base.add(j * keys.stride), keys.stride);
+            let [acc] = head_key_dots::<T, 1, 4>(qp, d, base.add(j * keys.stride), keys.stride);
             for (u, a) in acc.into_iter().enumerate() {
                 out[j + u] = hsum(a) * scale;
             }
@@ -718,30 +718,6 @@ pub(crate) mod avx2 {
         for (jj, o) in out[j..keys.n].iter_mut().enumerate() {
             *o = dot(q, keys.row(j + jj, d)) * scale;
         }
-    }
-
-    /// The lane accumulators of `q · k_u` for `K` keys (`k_u` at `keys + u * stride`): lane
-    /// `i % 8` adds `q[i] * k[i]` with FMA in index order, as `dot` does.
-    ///
-    /// SAFETY: avx2, fma and f16c available; `d % 8 == 0`, `d` values at `q` and at every key.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn key_dots<T: KvElem, const K: usize>(
-        q: *const f32,
-        d: usize,
-        keys: *const T,
-        stride: usize,
-    ) -> [__m256; K] {
-        let mut acc = [_mm256_setzero_ps(); K];
-        let mut i = 0;
-        while i < d {
-            let x = _mm256_loadu_ps(q.add(i));
-            for (u, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(x, T::load8(keys.add(u * stride + i)), *a);
-            }
-            i += 8;
-        }
-        acc
     }
 
     /// `[hsum(a[0]), .., hsum(a[7])]` with the same additions in the same pairing as
@@ -880,7 +856,8 @@ pub(crate) mod avx2 {
     }
 
     /// The lane accumulators of `q_h · k_u` for `H` query rows (`q_h` at `q + h * d`) and `K`
-    /// keys (`k_u` at `keys + u * stride`), each chain in [`key_dots`]' order.
+    /// keys (`k_u` at `keys + u * stride`): lane `i % 8` adds `q[i] * k[i]` with FMA in index
+    /// order, as `dot` does.
     ///
     /// SAFETY: avx2, fma and f16c available; `d % 8 == 0`, `H * d` values at `q`, `d` at every
     /// key.
@@ -1037,52 +1014,16 @@ pub(crate) mod avx2 {
         p: &[f32],
         values: HeadRows<'_, T>,
     ) {
-        let d = y.len();
-        let (yp, base) = (y.as_mut_ptr(), values.data.as_ptr().add(values.offset));
-        let p = &p[..values.n];
-        let mut i = 0;
-        // 64 columns per pass in registers, so the FMA chains of different columns overlap;
-        // each column still adds its rows in `j` order.
-        while i + 64 <= d {
-            weighted_columns::<T, 8>(yp.add(i), base.add(i), values.stride, p);
-            i += 64;
-        }
-        while i + 8 <= d {
-            weighted_columns::<T, 1>(yp.add(i), base.add(i), values.stride, p);
-            i += 8;
-        }
-        while i < d {
-            for (j, &a) in p.iter().enumerate() {
-                *yp.add(i) = a.mul_add((*base.add(j * values.stride + i)).to_f32(), *yp.add(i));
+        // Whole vectors as one head of the multi-head kernel (64 columns a pass in registers,
+        // so the FMA chains of different columns overlap; each column still adds its rows in
+        // `j` order), then the columns after the last whole vector one by one.
+        let (y, tail) = y.split_at_mut(y.len() / 8 * 8);
+        weighted_heads_with::<T, 1, 8>((y, p, values.n, values));
+        let (first, base) = (y.len(), values.data.as_ptr().add(values.offset));
+        for (i, y) in tail.iter_mut().enumerate() {
+            for (j, &a) in p[..values.n].iter().enumerate() {
+                *y = a.mul_add((*base.add(j * values.stride + first + i)).to_f32(), *y);
             }
-            i += 1;
-        }
-    }
-
-    /// `y[..8L] += sum_j p[j] * row_j[..8L]` (row `j` at `base + j * stride`), rows in `j`
-    /// order, with the `L` accumulators in registers (a constant count, so they are not kept
-    /// in memory between rows).
-    ///
-    /// SAFETY: avx2, fma and f16c available; `8L` values at `y` and at every row for
-    /// `j < p.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn weighted_columns<T: KvElem, const L: usize>(
-        y: *mut f32,
-        base: *const T,
-        stride: usize,
-        p: &[f32],
-    ) {
-        let mut acc: [__m256; L] = std::array::from_fn(|c| _mm256_loadu_ps(y.add(8 * c)));
-        for (j, &a) in p.iter().enumerate() {
-            let w = _mm256_set1_ps(a);
-            let row = base.add(j * stride);
-            for (c, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(w, T::load8(row.add(8 * c)), *acc);
-            }
-        }
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(y.add(8 * c), *a);
         }
     }
 }
