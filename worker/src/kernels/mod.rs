@@ -166,12 +166,17 @@ pub(crate) fn par_row_runs<F>(data: &mut [f32], width: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    let rows = data.len() / width.max(1);
-    let per_run = match rows >= PARALLEL_MIN_ROWS {
+    let per_run = row_run_len(data.len() / width.max(1));
+    team::for_each_chunk_mut(data, per_run * width.max(1), |i, run| f(i * per_run, run));
+}
+
+/// Rows per run when [`par_row_runs`] splits `rows` rows: a few runs per thread from
+/// [`PARALLEL_MIN_ROWS`] rows on, else all of them in one run (never 0).
+pub(crate) fn row_run_len(rows: usize) -> usize {
+    match rows >= PARALLEL_MIN_ROWS {
         true => rows.div_ceil(team::current_threads() * 4),
         false => rows.max(1),
-    };
-    team::for_each_chunk_mut(data, per_run * width.max(1), |i, run| f(i * per_run, run));
+    }
 }
 
 /// One block of activations to int8 as candle's `from_float` computes it for Q8_0 and Q8_1:

@@ -89,7 +89,7 @@ impl GroupBlock {
 /// An activation matrix `[t, k]` quantized to Q8_1 once and shared by every Q4_1 weight
 /// matrix that reads it (q, k and v; gate and up), so the quantization is not repeated per
 /// projection.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Q8_1Activations {
     t: usize,
     k: usize,
@@ -109,16 +109,29 @@ impl Q8_1Activations {
     }
 
     fn quantize_with(x: &[f32], t: usize, k: usize, isa: Isa) -> Self {
+        let mut act = Self::default();
+        act.quantize_into_with(x, t, k, isa);
+        act
+    }
+
+    /// [`Self::quantize`] into `self`, reusing its buffers: they only grow (zero-filled once),
+    /// and every value of the `t` rows is overwritten, so a step's activations cost no
+    /// allocation and no clearing (a fresh `[512, 1536]` buffer is a serial `memset` while the
+    /// other threads wait).
+    pub fn quantize_into(&mut self, x: &[f32], t: usize, k: usize) {
+        self.quantize_into_with(x, t, k, Isa::detect())
+    }
+
+    fn quantize_into_with(&mut self, x: &[f32], t: usize, k: usize, isa: Isa) {
         assert_eq!(x.len(), t * k, "Q8_1Activations::quantize: x length");
         assert!(k.is_multiple_of(QK), "Q8_1Activations::quantize: k % 32");
         let nb = k / QK;
-        let mut act = Self {
-            t,
-            k,
-            d: vec![0f32; t * nb],
-            s: vec![0f32; t * nb],
-            q: vec![0i8; t * k],
-        };
+        self.t = t;
+        self.k = k;
+        self.d.resize(t * nb, 0.0);
+        self.s.resize(t * nb, 0.0);
+        self.q.resize(t * k, 0);
+        let act = self;
         // One decode token's few dozen blocks are not worth a hand-off.
         let per_task = if t >= PARALLEL_MIN_ROWS {
             QUANTIZE_TASK_BLOCKS
@@ -158,7 +171,6 @@ impl Q8_1Activations {
                 }
             }
         });
-        act
     }
     /// Number of rows (tokens).
     pub fn rows(&self) -> usize {
@@ -1089,6 +1101,21 @@ mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
+
+    #[test]
+    fn reused_activations_equal_fresh_ones() {
+        let x: Vec<f32> = (0..64 * 96).map(|i| ((i as f32) * 0.37).cos()).collect();
+        let mut reused = Q8_1Activations::default();
+        // Larger, then smaller (stale values past the end must not matter), then a new width.
+        for (t, k) in [(64, 96), (3, 96), (5, 64), (64, 96)] {
+            reused.quantize_into(&x[..t * k], t, k);
+            let fresh = Q8_1Activations::quantize(&x[..t * k], t, k);
+            assert_eq!((reused.t, reused.k), (t, k));
+            assert_eq!(reused.q, fresh.q, "[{t}, {k}]");
+            assert_eq!(reused.d, fresh.d, "[{t}, {k}]");
+            assert_eq!(reused.s, fresh.s, "[{t}, {k}]");
+        }
+    }
 
     #[test]
     fn simd_quantization_gives_the_scalar_bits() {

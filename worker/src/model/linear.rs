@@ -7,6 +7,7 @@
 //! activations are quantized once and one parallel pass streams all their weights.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
@@ -15,6 +16,12 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use crate::kernels::q4_1::{Q4_1Matrix, Q8_1Activations};
 use crate::kernels::q8_0::Q8_0Matrix;
 use crate::kernels::Isa;
+
+thread_local! {
+    /// The Q8_1 activations of this thread's last Q4_1 product, kept so that the next one
+    /// reuses their buffers (see [`Q8_1Activations::quantize_into`]).
+    static ACTIVATIONS: RefCell<Q8_1Activations> = RefCell::default();
+}
 
 /// One (possibly stacked) weight matrix `[n_out, k]`.
 #[derive(Debug)]
@@ -76,10 +83,10 @@ impl Linear {
     /// written (so a reused buffer needs no zeroing).
     pub fn forward_cpu_into(&self, x: &[f32], t: usize, out: &mut [f32]) -> Result<()> {
         match self {
-            Linear::Q4_1(w) => {
-                let act = Q8_1Activations::quantize(x, t, w.k());
-                w.matmul_q8(&act, out);
-            }
+            Linear::Q4_1(w) => ACTIVATIONS.with_borrow_mut(|act| {
+                act.quantize_into(x, t, w.k());
+                w.matmul_q8(act, out);
+            }),
             Linear::Q8_0(w) => w.matmul(x, t, out),
             Linear::Candle(m) => {
                 let k = x.len() / t.max(1);

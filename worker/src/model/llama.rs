@@ -21,7 +21,7 @@ use super::{LlamaConfig, ModelError};
 use crate::engine::batch::StepBatch;
 use crate::kernels::q4_1::Q4_1Matrix;
 use crate::kernels::q8_0::Q8_0Matrix;
-use crate::kernels::{buffer_prefix, par_row_runs, vec, Isa};
+use crate::kernels::{buffer_prefix, par_row_runs, row_run_len, team, vec, Isa};
 
 /// Rotary embedding tables, `[max_pos, head_dim / 2]`, computed like candle's
 /// `quantized_llama` (f32 `pos * inv_freq`, then `cos` / `sin`).
@@ -59,30 +59,20 @@ impl Rope {
         }
     }
 
-    /// Rotates every head of every row in place; `x` is `[T, heads * head_dim]`.
-    fn apply(&self, x: &mut [f32], positions: &[u32], head_dim: usize) {
-        let width = x.len() / positions.len().max(1);
-        par_row_runs(x, width, |first, run| {
-            self.apply_rows(run, &positions[first..], width, head_dim)
-        });
-    }
-
-    /// [`Rope::apply`] to the rows of `x`, the first at `positions[0]`.
-    fn apply_rows(&self, x: &mut [f32], positions: &[u32], width: usize, head_dim: usize) {
-        for (row, &pos) in x.chunks_mut(width).zip(positions) {
-            let at = pos as usize * self.half;
-            let (cos, sin) = (&self.cos[at..at + self.half], &self.sin[at..at + self.half]);
-            for head in row.chunks_mut(head_dim) {
-                for i in 0..self.half {
-                    let (a, b) = if self.neox {
-                        (i, i + self.half)
-                    } else {
-                        (2 * i, 2 * i + 1)
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos[i] - x1 * sin[i];
-                    head[b] = x0 * sin[i] + x1 * cos[i];
-                }
+    /// Every head of one row at position `pos`, in place.
+    fn rotate_row(&self, row: &mut [f32], pos: u32, head_dim: usize) {
+        let at = pos as usize * self.half;
+        let (cos, sin) = (&self.cos[at..at + self.half], &self.sin[at..at + self.half]);
+        for head in row.chunks_mut(head_dim) {
+            for i in 0..self.half {
+                let (a, b) = if self.neox {
+                    (i, i + self.half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
             }
         }
     }
@@ -436,17 +426,31 @@ impl Llama {
         q: &mut Vec<f32>,
         k: &mut Vec<f32>,
     ) {
-        let (h, kvd) = (self.cfg.hidden_size, self.cfg.kv_dim());
+        let (h, kvd, hd) = (self.cfg.hidden_size, self.cfg.kv_dim(), self.cfg.head_dim);
         let width = h + 2 * kvd;
-        q.clear();
-        k.clear();
-        for row in qkv.chunks_exact(width) {
-            q.extend_from_slice(&row[..h]);
-            k.extend_from_slice(&row[h..h + kvd]);
-        }
-        let hd = self.cfg.head_dim;
-        self.rope.apply(q, &ctx.batch.positions, hd);
-        self.rope.apply(k, &ctx.batch.positions, hd);
+        let t = qkv.len() / width;
+        // Every value is written below; the buffers only grow, so no clearing either.
+        q.resize(t * h, 0.0);
+        k.resize(t * kvd, 0.0);
+        // Each run of rows copies its queries and keys out of `qkv` and rotates them while
+        // they are in cache, on the compute team: one section, no serial copy.
+        let per_run = row_run_len(t);
+        let mut runs: Vec<_> = q
+            .chunks_mut(per_run * h)
+            .zip(k.chunks_mut(per_run * kvd))
+            .collect();
+        let positions = &ctx.batch.positions;
+        team::for_each_mut(&mut runs, |r, (q, k)| {
+            let first = r * per_run;
+            let rows = qkv[first * width..].chunks_exact(width);
+            let out = q.chunks_exact_mut(h).zip(k.chunks_exact_mut(kvd));
+            for ((row, (q, k)), &pos) in rows.zip(out).zip(&positions[first..]) {
+                q.copy_from_slice(&row[..h]);
+                k.copy_from_slice(&row[h..h + kvd]);
+                self.rope.rotate_row(q, pos, hd);
+                self.rope.rotate_row(k, pos, hd);
+            }
+        });
         for (i, (&slot, row)) in ctx
             .batch
             .slot_mapping
@@ -658,7 +662,9 @@ mod tests {
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
             let mut ours = x.clone();
-            rope.apply(&mut ours, &positions, d);
+            for (row, &pos) in ours.chunks_mut(heads * d).zip(&positions) {
+                rope.rotate_row(row, pos, d);
+            }
             let dev = Device::Cpu;
             // candle wants [batch, heads, seq, d] and [seq, d/2] tables.
             let xs = Tensor::from_vec(x, (positions.len(), heads, d), &dev)?
