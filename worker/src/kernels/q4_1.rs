@@ -418,24 +418,21 @@ unsafe fn tile_with<P: Passes>(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut Ti
     }
 }
 
-/// `out[c]`, a run of rows starting on a group boundary, cut into one piece per group of
-/// `groups`, each handed to `f` with the group.
+/// Splits the next group's piece (its first [`ROWS`] values, fewer at a cut end) off each
+/// `out[c]`, a run of rows starting on a group boundary.
+///
+/// The SIMD passes call their group kernels in a plain loop over this, not through a closure:
+/// a closure does not inherit its enclosing function's `#[target_feature]`s, and where LLVM
+/// left one uninlined (it did, in a build with a second instantiation of the tile loop), every
+/// intrinsic in it became a call and a 512-token prefill took 4x as long.
 #[inline(always)]
-fn per_group<'o, const C: usize>(
-    m: &Q4_1Matrix,
-    groups: std::ops::Range<usize>,
-    mut out: [&'o mut [f32]; C],
-    mut f: impl FnMut(WGroup<'_>, [&'o mut [f32]; C]),
-) {
-    for g in groups {
-        let part = std::array::from_fn(|c| {
-            let o = std::mem::take(&mut out[c]);
-            let (part, rest) = o.split_at_mut(o.len().min(ROWS));
-            out[c] = rest;
-            part
-        });
-        f(m.group(g), part);
-    }
+fn next_group<'o, const C: usize>(out: &mut [&'o mut [f32]; C]) -> [&'o mut [f32]; C] {
+    std::array::from_fn(|c| {
+        let o = std::mem::take(&mut out[c]);
+        let (part, rest) = o.split_at_mut(o.len().min(ROWS));
+        out[c] = rest;
+        part
+    })
 }
 
 /// The portable passes: [`dot_scalar`] per row and token.
@@ -451,13 +448,15 @@ impl Passes for ScalarPasses {
         _stream: bool,
         out: [&mut [f32]; C],
     ) {
-        per_group(m, groups, out, |w, out| {
-            for (x, o) in x.into_iter().zip(out) {
+        let mut out = out;
+        for g in groups {
+            let w = m.group(g);
+            for (x, o) in x.into_iter().zip(next_group(&mut out)) {
                 for (lane, o) in o.iter_mut().enumerate() {
                     *o = dot_scalar(w, lane, x);
                 }
             }
-        });
+        }
     }
 }
 
@@ -614,7 +613,7 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{
-        per_group, tile_with, GroupBlock, Passes, Q4_1Matrix, Q8_1Activations, WGroup, XRow,
+        next_group, tile_with, GroupBlock, Passes, Q4_1Matrix, Q8_1Activations, WGroup, XRow,
         PREFETCH_BLOCKS, QK, ROWS,
     };
     use crate::kernels::vec::avx2 as vec_avx2;
@@ -944,9 +943,10 @@ mod avx2 {
             stream: bool,
             out: [&mut [f32]; C],
         ) {
-            per_group(m, groups, out, |w, out| {
-                group_with::<Maddubs, C>(w, x, stream, out)
-            });
+            let mut out = out;
+            for g in groups {
+                group_with::<Maddubs, C>(m.group(g), x, stream, next_group(&mut out));
+            }
         }
     }
 
@@ -973,9 +973,12 @@ mod avx2 {
                     stream,
                     out,
                 ),
-                _ => per_group(m, groups, out, |w, out| {
-                    group_with::<Dpbusd, C>(w, x, stream, out)
-                }),
+                _ => {
+                    let mut out = out;
+                    for g in groups {
+                        group_with::<Dpbusd, C>(m.group(g), x, stream, next_group(&mut out));
+                    }
+                }
             }
         }
     }
