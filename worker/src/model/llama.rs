@@ -18,7 +18,7 @@ use super::attention::{attention_candle, paged_attention_into, HeadLayout};
 use super::kv_store::KvStore;
 use super::linear::Linear;
 use super::{LlamaConfig, ModelError};
-use crate::engine::batch::StepBatch;
+use crate::engine::batch::{SeqSlice, StepBatch};
 use crate::kernels::q4_1::Q4_1Matrix;
 use crate::kernels::q8_0::Q8_0Matrix;
 use crate::kernels::{buffer_prefix, par_row_runs, row_run_len, team, vec, Isa};
@@ -475,27 +475,35 @@ struct LayerCtx<'a, 'k> {
 /// CPU path: plain `f32` rows and Orchard's kernels.
 impl Llama {
     fn forward_cpu(&self, batch: &StepBatch, kv: &mut KvStore) -> Result<Tensor, ModelError> {
-        let mut x = vec![0f32; batch.num_tokens() * self.cfg.hidden_size];
+        let hsz = self.cfg.hidden_size;
+        let rows = Self::logit_rows(batch);
+        let mut x = vec![0f32; batch.num_tokens() * hsz];
         self.embed.rows_cpu(&batch.token_ids, &mut x)?;
         // Buffers are only reused, never read before being written: a poisoned lock (a panic
         // in an earlier step) leaves nothing to distrust.
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.blocks.len().saturating_sub(1);
+        // Past the last layer's K/V only the logit rows are read, so when the step has other
+        // rows (a prompt's), the last layer computes its attention and MLP for those rows
+        // alone (llama.cpp's "skip unused outputs"). Each row's arithmetic does not depend
+        // on which other rows the step holds, so the logits are the same bits.
+        let compact = rows.len() < batch.num_tokens();
         for (layer, block) in self.blocks.iter().enumerate() {
             let ctx = LayerCtx {
                 batch,
                 kv: &mut *kv,
                 layer,
             };
-            self.block_cpu(block, ctx, &mut x, &mut scratch)?;
+            let keep = (compact && layer == last).then_some(rows.as_slice());
+            self.block_cpu(block, ctx, &mut x, &mut scratch, keep)?;
         }
         drop(scratch);
-        let (hsz, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps as f32);
-        let rows = Self::logit_rows(batch);
-        let mut last = Vec::with_capacity(rows.len() * hsz);
-        for &r in &rows {
-            last.extend_from_slice(&x[r as usize * hsz..(r as usize + 1) * hsz]);
-        }
-        let h = self.norm.forward_cpu(&last, eps);
+        let last = if compact && !self.blocks.is_empty() {
+            x
+        } else {
+            gather_rows(&x, &rows, hsz)
+        };
+        let h = self.norm.forward_cpu(&last, self.cfg.rms_norm_eps as f32);
         let logits = self.lm_head.forward_cpu(&h, rows.len())?;
         Ok(Tensor::from_vec(
             logits,
@@ -504,42 +512,78 @@ impl Llama {
         )?)
     }
 
+    /// One layer over the step's rows `x`. Every row's K and V go into the store; with
+    /// `keep` (row indices), the attention and MLP then run for those rows alone
+    /// and `x` is left holding just them, in that order.
     fn block_cpu(
         &self,
         b: &Block,
         ctx: LayerCtx<'_, '_>,
-        x: &mut [f32],
+        x: &mut Vec<f32>,
         s: &mut Scratch,
+        keep: Option<&[u32]>,
     ) -> Result<(), ModelError> {
         let eps = self.cfg.rms_norm_eps as f32;
-        let (hsz, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let t = ctx.batch.num_tokens();
         let LayerCtx { batch, kv, layer } = ctx;
-        let Scratch {
-            h,
-            qkv,
-            q,
-            k,
-            attn,
-            o,
-            gate_up,
-            act,
-        } = s;
-        let h = buffer_prefix(h, x.len());
+        let h = buffer_prefix(&mut s.h, x.len());
         b.attn_norm.forward_cpu_into(x, eps, h);
-        let qkv = buffer_prefix(qkv, t * b.qkv.n_out());
+        let qkv = buffer_prefix(&mut s.qkv, t * b.qkv.n_out());
         b.qkv.forward_cpu_into(h, t, qkv)?;
         let ctx = LayerCtx {
             batch,
             kv: &mut *kv,
             layer,
         };
-        self.qkv_to_cache_into(qkv, ctx, q, k);
+        self.qkv_to_cache_into(qkv, ctx, &mut s.q, &mut s.k);
+        match keep {
+            None => {
+                // Lent out of the scratch for the rest of the layer, then put back.
+                let q = std::mem::take(&mut s.q);
+                let done = self.attention_and_mlp(b, batch, kv, layer, &q, x, s);
+                s.q = q;
+                done
+            }
+            Some(rows) => {
+                let width = self.cfg.num_heads * self.cfg.head_dim;
+                let q = gather_rows(&s.q, rows, width);
+                *x = gather_rows(x, rows, self.cfg.hidden_size);
+                let kept = rows_batch(batch, rows);
+                self.attention_and_mlp(b, &kept, kv, layer, &q, x, s)
+            }
+        }
+    }
+
+    /// The rest of a layer for the rows of `batch` (`x` and the rotated queries `q`, their
+    /// K and V already in the store): attention, output projection, MLP, both residuals.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_and_mlp(
+        &self,
+        b: &Block,
+        batch: &StepBatch,
+        kv: &KvStore,
+        layer: usize,
+        q: &[f32],
+        x: &mut [f32],
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (hsz, ff) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let t = batch.num_tokens();
+        let Scratch {
+            h,
+            attn,
+            o,
+            gate_up,
+            act,
+            ..
+        } = s;
         let attn = buffer_prefix(attn, q.len());
         paged_attention_into(q, batch, kv, layer, self.heads(), attn);
         let proj = buffer_prefix(o, t * b.wo.n_out());
         b.wo.forward_cpu_into(attn, t, proj)?;
         add_rows(x, proj, hsz);
+        let h = buffer_prefix(h, x.len());
         b.ffn_norm.forward_cpu_into(x, eps, h);
         let gu = buffer_prefix(gate_up, t * b.gate_up.n_out());
         b.gate_up.forward_cpu_into(h, t, gu)?;
@@ -556,6 +600,40 @@ impl Llama {
         add_rows(x, d, hsz);
         Ok(())
     }
+}
+
+/// Rows `rows` of the `width`-wide rows of `x`, in that order.
+fn gather_rows(x: &[f32], rows: &[u32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
+    }
+    out
+}
+
+/// A step of only the last token of each sequence that wants logits (rows `rows` of
+/// `batch`, from [`Llama::logit_rows`]): each a query of one token at its own position, over
+/// the same block table.
+fn rows_batch(batch: &StepBatch, rows: &[u32]) -> StepBatch {
+    let seqs = batch
+        .seqs
+        .iter()
+        .filter(|s| s.needs_logits && s.query_len > 0);
+    let mut kept = StepBatch::default();
+    for (i, (seq, &r)) in seqs.zip(rows).enumerate() {
+        let r = r as usize;
+        kept.token_ids.push(batch.token_ids[r]);
+        kept.positions.push(batch.positions[r]);
+        kept.slot_mapping.push(batch.slot_mapping[r]);
+        kept.seqs.push(SeqSlice {
+            query_start: i as u32,
+            query_len: 1,
+            context_len: seq.context_len,
+            block_table: seq.block_table.clone(),
+            needs_logits: true,
+        });
+    }
+    kept
 }
 
 /// Moves the CPU kernels' weights of every layer, then of the LM head, into one buffer per
