@@ -93,11 +93,11 @@ impl GroupBlock {
 pub struct Q8_1Activations {
     t: usize,
     k: usize,
-    /// `[t * nb]` per-block scale.
+    /// `[t * nb]` per-block scale (the buffer may be longer: reused buffers only grow).
     d: Vec<f32>,
-    /// `[t * nb]` per-block `d * sum(q)`.
+    /// `[t * nb]` per-block `d * sum(q)` (the buffer may be longer).
     s: Vec<f32>,
-    /// `[t * k]` int8 values.
+    /// `[t * k]` int8 values (the buffer may be longer).
     q: Vec<i8>,
 }
 
@@ -128,10 +128,21 @@ impl Q8_1Activations {
         let nb = k / QK;
         self.t = t;
         self.k = k;
-        self.d.resize(t * nb, 0.0);
-        self.s.resize(t * nb, 0.0);
-        self.q.resize(t * k, 0);
-        let act = self;
+        // Grown, never shrunk: shrinking and growing back would zero the regrown part each
+        // time (the quantization of a `[t, 1536]` input after a `[t, 576]` one).
+        for (buf, n) in [(&mut self.d, t * nb), (&mut self.s, t * nb)] {
+            if buf.len() < n {
+                buf.resize(n, 0.0);
+            }
+        }
+        if self.q.len() < t * k {
+            self.q.resize(t * k, 0);
+        }
+        let (q, d, s) = (
+            &mut self.q[..t * k],
+            &mut self.d[..t * nb],
+            &mut self.s[..t * nb],
+        );
         // One decode token's few dozen blocks are not worth a hand-off.
         let per_task = if t >= PARALLEL_MIN_ROWS {
             QUANTIZE_TASK_BLOCKS
@@ -140,9 +151,9 @@ impl Q8_1Activations {
         };
         let mut tasks: Vec<_> = x
             .chunks(per_task * QK)
-            .zip(act.q.chunks_mut(per_task * QK))
-            .zip(act.d.chunks_mut(per_task))
-            .zip(act.s.chunks_mut(per_task))
+            .zip(q.chunks_mut(per_task * QK))
+            .zip(d.chunks_mut(per_task))
+            .zip(s.chunks_mut(per_task))
             .collect();
         team::for_each_mut(&mut tasks, |_, (((x, q), d), s)| {
             let (mut x, mut q, mut d, mut s) = (&x[..], &mut q[..], &mut d[..], &mut s[..]);
@@ -1114,9 +1125,10 @@ mod tests {
             reused.quantize_into(&x[..t * k], t, k);
             let fresh = Q8_1Activations::quantize(&x[..t * k], t, k);
             assert_eq!((reused.t, reused.k), (t, k));
-            assert_eq!(reused.q, fresh.q, "[{t}, {k}]");
-            assert_eq!(reused.d, fresh.d, "[{t}, {k}]");
-            assert_eq!(reused.s, fresh.s, "[{t}, {k}]");
+            for ti in 0..t {
+                let (a, b) = (reused.row(ti), fresh.row(ti));
+                assert_eq!((a.q, a.d, a.s), (b.q, b.d, b.s), "[{t}, {k}] row {ti}");
+            }
         }
     }
 
