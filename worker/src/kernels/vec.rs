@@ -78,21 +78,27 @@ pub fn softmax(isa: Isa, x: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { avx2::max(x) },
     };
-    exp_shifted(isa, x, max);
-    let sum = match isa {
-        Isa::Scalar => x.iter().fold(0.0f32, |s, &v| s + v),
+    match isa {
+        Isa::Scalar => {
+            exp_shifted(isa, x, max);
+            let sum = x.iter().fold(0.0f32, |s, &v| s + v);
+            for v in x.iter_mut() {
+                *v /= sum;
+            }
+        }
+        // SAFETY: `Avx2` only comes from runtime detection, avx512f too.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => chunked_sum(x),
-    };
-    for v in x.iter_mut() {
-        *v /= sum;
+        Isa::Avx2 if has_avx512f() => unsafe { avx2::exp_normalize_avx512(x, max) },
+        // SAFETY: `Avx2` only comes from runtime detection.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::exp_normalize(x, max) },
     }
 }
 
 /// candle's AVX `vec_sum`: 32-element chunks into four 8-lane accumulators, the accumulators
 /// reduced as `((a0 + a1) + (a2 + a3))`, its lanes as `(l0 + l4) + (l1 + l5)` +
 /// `(l2 + l6) + (l3 + l7)`, then the elements after the last whole chunk added one by one.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(test, target_arch = "x86_64"))]
 fn chunked_sum(x: &[f32]) -> f32 {
     let mut acc = [[0f32; 8]; 4];
     let chunks = x.chunks_exact(32);
@@ -560,6 +566,77 @@ pub(crate) mod avx2 {
             }
         }
         n
+    }
+
+    /// The rest of [`super::softmax`] after the maximum, in one pass where the library does
+    /// three: each 32-element chunk's exponentials are stored and added into candle's four
+    /// 8-lane accumulators while in registers, then the elements after the last whole chunk
+    /// are exponentiated and added one by one after the accumulators' reduction, and every
+    /// element divided by the sum: [`super::chunked_sum`]'s order, `f32::exp`'s bits, one
+    /// IEEE division each.
+    ///
+    /// SAFETY: caller ensures avx2, fma and `E`'s instruction set.
+    #[inline(always)]
+    unsafe fn exp_normalize_with<E: Exp8>(x: &mut [f32], max: f32) {
+        let whole = x.len() / 32 * 32;
+        let m = _mm256_set1_ps(max);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for chunk in x[..whole].chunks_exact_mut(32) {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let p = chunk.as_mut_ptr().add(8 * j);
+                let v = _mm256_sub_ps(_mm256_loadu_ps(p), m);
+                match exp8::<E>(v) {
+                    Some(e) => _mm256_storeu_ps(p, e),
+                    None => {
+                        for i in 0..8 {
+                            *p.add(i) = (*p.add(i) - max).exp();
+                        }
+                    }
+                }
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(p));
+            }
+        }
+        let tail = &mut x[whole..];
+        let done = exp_shifted_with::<E>(tail, max);
+        for v in &mut tail[done..] {
+            *v = (*v - max).exp();
+        }
+        let lanes = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let t0 = _mm_add_ps(
+            _mm256_castps256_ps128(lanes),
+            _mm256_extractf128_ps::<1>(lanes),
+        );
+        let mut t = [0f32; 4];
+        _mm_storeu_ps(t.as_mut_ptr(), t0);
+        let mut sum = (t[0] + t[1]) + (t[2] + t[3]);
+        for &v in tail.iter() {
+            sum += v;
+        }
+        let n8 = x.len() / 8 * 8;
+        let d = _mm256_set1_ps(sum);
+        for chunk in x[..n8].chunks_exact_mut(8) {
+            let p = chunk.as_mut_ptr();
+            _mm256_storeu_ps(p, _mm256_div_ps(_mm256_loadu_ps(p), d));
+        }
+        for v in &mut x[n8..] {
+            *v /= sum;
+        }
+    }
+
+    /// [`exp_normalize_with`] with AVX2.
+    ///
+    /// SAFETY: caller ensures avx2 + fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_normalize(x: &mut [f32], max: f32) {
+        exp_normalize_with::<Avx2Exp>(x, max)
+    }
+
+    /// [`exp_normalize_with`] with AVX-512F.
+    ///
+    /// SAFETY: caller ensures avx2, fma and avx512f.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn exp_normalize_avx512(x: &mut [f32], max: f32) {
+        exp_normalize_with::<Avx512Exp>(x, max)
     }
 
     /// [`super::swiglu`] over whole vectors of eight; returns how many elements it did.
@@ -1366,6 +1443,41 @@ mod tests {
             let x = vec![f32::NEG_INFINITY; n];
             // SAFETY: as above.
             assert_eq!(unsafe { avx2::max(&x) }, f32::NEG_INFINITY);
+        }
+    }
+
+    /// The one-pass AVX softmax (both exponential kernels) gives the bits of the three passes
+    /// it replaced: `f32::exp` of each shifted element, [`chunked_sum`], a division each.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn one_pass_softmax_equals_exp_then_chunked_sum_then_division() {
+        if Isa::detect() == Isa::Scalar {
+            return;
+        }
+        let lengths = (0..=100).chain([127, 128, 129, 255, 257, 1000, 1031]);
+        for n in lengths {
+            let mut x = wave(n, 0.91);
+            // Far below the maximum (exp's slow path, `|x - max| >= 88`), in a whole chunk and
+            // in the tail.
+            for i in [3usize, n.saturating_sub(2)] {
+                if i < n && n > 4 {
+                    x[i] = -120.0;
+                }
+            }
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut want: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
+            let sum = chunked_sum(&want);
+            want.iter_mut().for_each(|v| *v /= sum);
+            let mut got = x.clone();
+            // SAFETY: AVX2 and FMA detected above.
+            unsafe { avx2::exp_normalize(&mut got, max) };
+            assert_eq!(got, want, "AVX2, n = {n}");
+            if has_avx512f() {
+                let mut got = x.clone();
+                // SAFETY: AVX-512F detected.
+                unsafe { avx2::exp_normalize_avx512(&mut got, max) };
+                assert_eq!(got, want, "AVX-512, n = {n}");
+            }
         }
     }
 
