@@ -330,12 +330,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     if n == 0 {
         return;
     }
-    let scale = |src: &[f32], dst: &mut [f32], sum2: f32| {
-        let m = (sum2 / n as f32 + eps).sqrt();
-        for ((d, &s), &w) in dst.iter_mut().zip(src).zip(weight) {
-            *d = s / m * w;
-        }
-    };
+    let isa = Isa::detect();
     // A row's sum of squares is one chain of dependent adds in index order (candle's), so a
     // row alone waits on the add latency; eight rows at once keep eight chains in flight.
     let whole = x.len() / (NORM_ROWS * n) * (NORM_ROWS * n);
@@ -345,20 +340,45 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         .chunks_exact(NORM_ROWS * n)
         .zip(out.chunks_exact_mut(NORM_ROWS * n))
     {
-        let mut sum2 = [0f32; NORM_ROWS];
-        for i in 0..n {
-            for (r, s) in sum2.iter_mut().enumerate() {
-                let v = src[r * n + i];
-                *s += v * v;
+        let sum2 = match isa {
+            Isa::Scalar => {
+                let mut sum2 = [0f32; NORM_ROWS];
+                for i in 0..n {
+                    for (r, s) in sum2.iter_mut().enumerate() {
+                        let v = src[r * n + i];
+                        *s += v * v;
+                    }
+                }
+                sum2
             }
-        }
+            // SAFETY: `Avx2` only comes from runtime detection; `src` is eight rows of `n`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::sum_squares8(src, n) },
+        };
         for ((src, dst), sum2) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)).zip(sum2) {
-            scale(src, dst, sum2);
+            norm_row(isa, src, weight, (sum2 / n as f32 + eps).sqrt(), dst);
         }
     }
     for (src, dst) in x_tail.chunks_exact(n).zip(out_tail.chunks_exact_mut(n)) {
         let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
-        scale(src, dst, sum2);
+        norm_row(isa, src, weight, (sum2 / n as f32 + eps).sqrt(), dst);
+    }
+}
+
+/// `dst[i] = src[i] / m * weight[i]`.
+fn norm_row(isa: Isa, src: &[f32], weight: &[f32], m: f32, dst: &mut [f32]) {
+    let done = match isa {
+        Isa::Scalar => 0,
+        // SAFETY: `Avx2` only comes from runtime detection; the three slices are one row long.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { avx2::norm_row(src, weight, m, dst) },
+    };
+    for ((d, &s), &w) in dst[done..]
+        .iter_mut()
+        .zip(&src[done..])
+        .zip(&weight[done..])
+    {
+        *d = s / m * w;
     }
 }
 
@@ -695,6 +715,86 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub(super) unsafe fn swiglu_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
         swiglu_with::<Avx512Exp>(gate, up, out)
+    }
+
+    /// The sums of squares of eight `n`-wide rows of `src`, each in index order from `0.0`
+    /// (`sum += v * v`, a multiply then an add, as the scalar loop does): eight columns of
+    /// the eight rows are transposed so that lane `r` of every vector is row `r`.
+    ///
+    /// SAFETY: avx available; `src.len() == 8 * n`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum_squares8(src: &[f32], n: usize) -> [f32; 8] {
+        let p = src.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (r, v) in v.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(p.add(r * n + i));
+            }
+            for c in transpose8(v) {
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(c, c));
+            }
+            i += 8;
+        }
+        let mut sum2 = [0f32; 8];
+        _mm256_storeu_ps(sum2.as_mut_ptr(), acc);
+        for i in i..n {
+            for (r, s) in sum2.iter_mut().enumerate() {
+                let v = *p.add(r * n + i);
+                *s += v * v;
+            }
+        }
+        sum2
+    }
+
+    /// `out[j]` lane `r` = `v[r]` lane `j`. Written out without closures: a closure does not
+    /// inherit the caller's target features, and an uninlined one would call its intrinsics.
+    #[inline(always)]
+    unsafe fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
+        // Rows in pairs: columns {0, 1 | 4, 5} and {2, 3 | 6, 7} of two rows each.
+        let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+        // Four rows of columns {j | j + 4}: rows 0-3 in u0-u3, rows 4-7 in u4-u7.
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// [`super::norm_row`] over whole vectors of eight; returns how many elements it did.
+    ///
+    /// SAFETY: avx available; `src`, `weight` and `dst` of equal lengths.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn norm_row(src: &[f32], weight: &[f32], m: f32, dst: &mut [f32]) -> usize {
+        let n = dst.len() / 8 * 8;
+        let mv = _mm256_set1_ps(m);
+        for i in (0..n).step_by(8) {
+            let q = _mm256_div_ps(_mm256_loadu_ps(src.as_ptr().add(i)), mv);
+            let y = _mm256_mul_ps(q, _mm256_loadu_ps(weight.as_ptr().add(i)));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), y);
+        }
+        n
     }
 
     /// The largest element of `x`, NaNs ignored as `f32::max` ignores them (`-inf` for an
@@ -1500,8 +1600,15 @@ mod tests {
 
     #[test]
     fn rms_norm_rows_are_candles_bits_in_groups_and_alone() -> candle_core::Result<()> {
-        // 19 rows: two groups of eight summed together, then three rows one by one.
-        let (rows, n) = (19, 576);
+        // 19 rows: two groups of eight summed together, then three rows one by one; widths
+        // of whole vectors and with a tail of columns.
+        for n in [576, 52, 5] {
+            rms_norm_against_candle(19, n)?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm_against_candle(rows: usize, n: usize) -> candle_core::Result<()> {
         let x: Vec<f32> = (0..rows * n)
             .map(|i| ((i as f32) * 0.377).sin() * (1.0 + (i % 97) as f32))
             .collect();
@@ -1514,11 +1621,11 @@ mod tests {
             &candle_core::Tensor::from_slice(&w, n, &dev)?,
             1e-5,
         )?;
-        assert_eq!(out, reference.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(out, reference.flatten_all()?.to_vec1::<f32>()?, "width {n}");
         for (r, expected) in out.chunks_exact(n).enumerate() {
             let mut one = vec![0f32; n];
             rms_norm(&x[r * n..(r + 1) * n], &w, 1e-5, &mut one);
-            assert_eq!(one, expected, "row {r}");
+            assert_eq!(one, expected, "width {n}, row {r}");
         }
         Ok(())
     }
