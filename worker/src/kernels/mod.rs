@@ -60,16 +60,57 @@ pub(crate) struct Tile {
 
 /// Where a tile's products go: for each token of the tile, its output columns `tile.rows`
 /// (a piece of that token's output row, written in place).
-pub(crate) struct TileOut<'o, 'r> {
+///
+/// Only [`par_rows`] makes these, one per task, and no two tasks' `tile.rows` overlap; the
+/// slices handed out below lie inside the tile (checked), so the tasks never alias. The rows
+/// are reached through a pointer rather than a list of per-token slices because building
+/// that list cost `t` pushes per task on the calling thread, serially (1% of a 512-token
+/// prefill's samples, the other threads waiting).
+pub(crate) struct TileOut<'o> {
     pub tile: Tile,
-    tokens: &'o mut [&'r mut [f32]],
+    out: OutRows<'o>,
 }
 
-impl TileOut<'_, '_> {
+/// `par_rows`' output, `[t, n_out]`, shared by the tasks that each write their own columns.
+#[derive(Clone, Copy)]
+struct OutRows<'o> {
+    ptr: *mut f32,
+    t: usize,
+    n_out: usize,
+    _out: std::marker::PhantomData<&'o mut [f32]>,
+}
+
+// SAFETY: tasks reach only their own tiles' columns through it (see `TileOut`).
+unsafe impl Send for OutRows<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for OutRows<'_> {}
+
+impl TileOut<'_> {
+    /// Token `ti`'s output columns `rows` (inside the tile).
+    #[inline]
+    fn columns(&mut self, ti: usize, rows: &std::ops::Range<usize>) -> &mut [f32] {
+        let Tile { rows: own, tokens } = &self.tile;
+        assert!(
+            tokens.contains(&ti)
+                && own.start <= rows.start
+                && rows.start <= rows.end
+                && rows.end <= own.end,
+            "TileOut: token {ti}, rows {rows:?} outside the tile {:?}",
+            self.tile
+        );
+        // SAFETY: `par_rows` made the tile inside `[t, n_out]` and gave these columns of these
+        // tokens to this task alone; the borrow of `self` keeps two calls from overlapping.
+        unsafe {
+            let at = self.out.ptr.add(ti * self.out.n_out + rows.start);
+            std::slice::from_raw_parts_mut(at, rows.len())
+        }
+    }
+
     /// Token `ti`'s output columns `tile.rows`.
     #[inline]
     pub fn row_mut(&mut self, ti: usize) -> &mut [f32] {
-        self.tokens[ti - self.tile.tokens.start]
+        let rows = self.tile.rows.clone();
+        self.columns(ti, &rows)
     }
 
     /// Tokens `ti..ti + C`'s output columns for weight rows `rows` (inside the tile), one
@@ -80,18 +121,21 @@ impl TileOut<'_, '_> {
         ti: usize,
         rows: &std::ops::Range<usize>,
     ) -> [&mut [f32]; C] {
-        let at = rows.start - self.tile.rows.start;
-        let mut tokens = self.tokens[ti - self.tile.tokens.start..]
-            .iter_mut()
-            .map(|t| &mut t[at..at + rows.len()]);
-        std::array::from_fn(|_| tokens.next().expect("invariant: C tokens left in the tile"))
+        let mut out: [&mut [f32]; C] = std::array::from_fn(|_| <&mut [f32]>::default());
+        for (c, o) in out.iter_mut().enumerate() {
+            let piece = self.columns(ti + c, rows);
+            // SAFETY: distinct tokens' pieces are disjoint (different output rows), so the C
+            // slices may live together; each stays inside this tile's columns.
+            *o = unsafe { std::slice::from_raw_parts_mut(piece.as_mut_ptr(), piece.len()) };
+        }
+        out
     }
 
     /// Stores the products of weight rows `r..r + values.len()` with token `ti`.
     #[inline]
     pub fn put(&mut self, r: usize, ti: usize, values: &[f32]) {
-        let at = r - self.tile.rows.start;
-        self.tokens[ti - self.tile.tokens.start][at..at + values.len()].copy_from_slice(values);
+        self.columns(ti, &(r..r + values.len()))
+            .copy_from_slice(values);
     }
 }
 
@@ -101,45 +145,31 @@ impl TileOut<'_, '_> {
 /// of every token's output row in place, so nothing is copied or transposed afterwards.
 pub(crate) fn par_rows<F>(job: RowsJob, out: &mut [f32], tile: F)
 where
-    F: Fn(TileOut<'_, '_>) + Sync,
+    F: Fn(TileOut<'_>) + Sync,
 {
     let RowsJob { n_out, t, .. } = job;
     assert_eq!(out.len(), t * n_out, "par_rows: out length");
     if t == 0 || n_out == 0 {
         return;
     }
-    let chunk = row_chunk(job);
-    if t == 1 {
-        team::for_each_chunk_mut(out, chunk, |ci, o| {
-            let r0 = ci * chunk;
-            let rows = r0..r0 + o.len();
-            tile(TileOut {
-                tile: Tile { rows, tokens: 0..1 },
-                tokens: &mut [o],
-            });
-        });
-        return;
-    }
+    let chunk = row_chunk(job).max(1);
+    let rows = OutRows {
+        ptr: out.as_mut_ptr(),
+        t,
+        n_out,
+        _out: std::marker::PhantomData,
+    };
+    let tokens_per_tile = if t == 1 { 1 } else { TOKEN_TILE };
     // Task `ci` owns columns `ci * chunk..` of every token's row.
-    let mut pieces: Vec<Vec<&mut [f32]>> = (0..n_out.div_ceil(chunk))
-        .map(|_| Vec::with_capacity(t))
-        .collect();
-    for row in out.chunks_mut(n_out) {
-        for (task, piece) in pieces.iter_mut().zip(row.chunks_mut(chunk)) {
-            task.push(piece);
-        }
-    }
-    team::for_each_mut(&mut pieces, |ci, columns| {
-        let r0 = ci * chunk;
-        let rows = r0..r0 + columns.first().map_or(0, |c| c.len());
-        for t0 in (0..t).step_by(TOKEN_TILE) {
-            let tokens = t0..(t0 + TOKEN_TILE).min(t);
+    team::for_each(n_out.div_ceil(chunk), |ci| {
+        let cols = ci * chunk..((ci + 1) * chunk).min(n_out);
+        for t0 in (0..rows.t).step_by(tokens_per_tile) {
             tile(TileOut {
                 tile: Tile {
-                    rows: rows.clone(),
-                    tokens: tokens.clone(),
+                    rows: cols.clone(),
+                    tokens: t0..(t0 + tokens_per_tile).min(rows.t),
                 },
-                tokens: &mut columns[tokens],
+                out: rows,
             });
         }
     });

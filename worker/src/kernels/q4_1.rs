@@ -339,7 +339,7 @@ impl Q4_1Matrix {
             t: act.t,
             row_bytes: nb * BLOCK_BYTES,
         };
-        par_rows(job, out, |mut o: TileOut<'_, '_>| {
+        par_rows(job, out, |mut o: TileOut<'_>| {
             let tile = o.tile.clone();
             if tile.tokens.len() < TOKENS {
                 // Fewer tokens than a token chunk (a decode step, or the end of a prefill):
@@ -395,7 +395,7 @@ trait Passes {
 /// SAFETY: `P`'s instruction set is available; the tile starts on a group boundary, lies
 /// within `m` and `act`, and `act.k == m.k`.
 #[inline(always)]
-unsafe fn tile_with<P: Passes>(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+unsafe fn tile_with<P: Passes>(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_>) {
     let tile = o.tile.clone();
     // Tasks start on group boundaries (`ROW_ALIGN`); the last may end mid-group.
     let groups = tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS);
@@ -531,7 +531,7 @@ impl Kernel {
     }
 
     /// A multi-token tile of `m`'s product with `act` ([`tile_with`]), into `o`.
-    fn dot_tile(self, m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+    fn dot_tile(self, m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_>) {
         let rows = &o.tile.rows;
         assert!(
             rows.start.is_multiple_of(ROWS)
@@ -998,7 +998,7 @@ mod avx2 {
     ///
     /// SAFETY: as [`tile_with`]; avx2, fma and f16c available.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+    pub(super) unsafe fn tile(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_>) {
         tile_with::<Avx2Passes>(m, act, o)
     }
 
@@ -1007,7 +1007,7 @@ mod avx2 {
     /// SAFETY: as [`tile_with`]; avx2, fma, f16c, avx512f, avx512bw, avx512vl and avx512vnni
     /// available.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn tile_vnni(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_, '_>) {
+    pub(super) unsafe fn tile_vnni(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_>) {
         tile_with::<VnniPasses>(m, act, o)
     }
 

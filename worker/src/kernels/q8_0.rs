@@ -207,7 +207,7 @@ impl Q8_0Matrix {
 /// from memory once and serve every token of the tile from L1. `dot` computes one group
 /// against one token; every row gets the same operations whichever group or tile it is in.
 #[inline(always)]
-fn fill<D>(w: &Q8_0Matrix, act: &Q8_0Activations, mut out: TileOut<'_, '_>, dot: D)
+fn fill<D>(w: &Q8_0Matrix, act: &Q8_0Activations, mut out: TileOut<'_>, dot: D)
 where
     D: Fn(Group<'_>, Row<'_>) -> [f32; ROWS],
 {
@@ -249,7 +249,7 @@ mod avx2 {
     ///
     /// SAFETY: caller ensures avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn fill(w: &Q8_0Matrix, act: &Q8_0Activations, out: TileOut<'_, '_>) {
+    pub(super) unsafe fn fill(w: &Q8_0Matrix, act: &Q8_0Activations, out: TileOut<'_>) {
         super::fill(w, act, out, |g, x| {
             // SAFETY: this function's features; `fill` passes whole groups and rows of `k`.
             unsafe { dot_group(g, x) }
