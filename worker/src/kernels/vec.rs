@@ -34,6 +34,12 @@ pub trait KvElem: Copy + Default + Send + Sync + 'static {
     /// avx and f16c available; eight values readable at `p`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen values from `p` widened to `f32`.
+    ///
+    /// # Safety
+    /// avx512f available; sixteen values readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
@@ -47,6 +53,11 @@ impl KvElem for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -62,6 +73,12 @@ impl KvElem for f16 {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm_loadu_si128};
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm512_cvtph_ps};
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
     }
 }
 
@@ -1066,7 +1083,8 @@ pub(crate) mod avx2 {
     }
 
     /// [`super::weighted_sum_heads`] for 1-4 heads, `width % 8 == 0`: `L` vectors of columns
-    /// per head in registers, `L` as large as the registers allow (32 of them with `wide`).
+    /// per head in registers, `L` as large as the registers allow; with `wide` (AVX-512), 16
+    /// columns a vector in [`weighted_heads_wide`].
     ///
     /// SAFETY: avx2, fma and f16c available, and avx512f and avx512vl with `wide`; the lengths
     /// `super::weighted_sum_heads` checks.
@@ -1083,9 +1101,9 @@ pub(crate) mod avx2 {
             (2, false) => weighted_heads_avx2::<T, 2, 4>(a),
             (3, false) => weighted_heads_avx2::<T, 3, 2>(a),
             (4, false) => weighted_heads_avx2::<T, 4, 2>(a),
-            (2, true) => weighted_heads_wide::<T, 2, 8>(a),
-            (3, true) => weighted_heads_wide::<T, 3, 8>(a),
-            _ => weighted_heads_wide::<T, 4, 4>(a),
+            (2, true) => weighted_heads_wide::<T, 2>(a),
+            (3, true) => weighted_heads_wide::<T, 3>(a),
+            _ => weighted_heads_wide::<T, 4>(a),
         }
     }
 
@@ -1100,12 +1118,71 @@ pub(crate) mod avx2 {
         weighted_heads_with::<T, H, L>(a)
     }
 
+    /// 512-bit registers: the columns 64 at a time (four vectors per head), then 32 and 16,
+    /// then a last 8 with [`weighted_heads_from`]. Each lane is a column whose rows are added
+    /// in `j` order as in the 256-bit kernel, so the same bits with half the instructions.
+    ///
     /// SAFETY: avx2, fma, f16c, avx512f and avx512vl available; as [`weighted_sum_heads`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-    unsafe fn weighted_heads_wide<T: KvElem, const H: usize, const L: usize>(
-        a: WeightedHeadsArgs<'_, '_, T>,
+    unsafe fn weighted_heads_wide<T: KvElem, const H: usize>(
+        (ys, p, p_stride, values): WeightedHeadsArgs<'_, '_, T>,
     ) {
-        weighted_heads_with::<T, H, L>(a)
+        let width = ys.len() / H;
+        let mut c = 0;
+        while c + 64 <= width {
+            weighted_heads_columns16::<T, H, 4>(ys, width, c, (p, p_stride), values);
+            c += 64;
+        }
+        if c + 32 <= width {
+            weighted_heads_columns16::<T, H, 2>(ys, width, c, (p, p_stride), values);
+            c += 32;
+        }
+        if c + 16 <= width {
+            weighted_heads_columns16::<T, H, 1>(ys, width, c, (p, p_stride), values);
+            c += 16;
+        }
+        weighted_heads_from::<T, H, 1>((ys, p, p_stride, values), c);
+    }
+
+    /// [`weighted_heads_columns`] on 512-bit registers: columns `c..c + 16L`.
+    ///
+    /// SAFETY: as [`weighted_heads_columns`] with `c + 16L <= width`, and avx512f available.
+    #[inline(always)]
+    unsafe fn weighted_heads_columns16<T: KvElem, const H: usize, const L: usize>(
+        ys: &mut [f32],
+        width: usize,
+        c: usize,
+        (p, p_stride): (&[f32], usize),
+        values: HeadRows<'_, T>,
+    ) {
+        let (yp, pp) = (ys.as_mut_ptr().add(c), p.as_ptr());
+        let base = values.data.as_ptr().add(values.offset + c);
+        let mut acc = [[_mm512_setzero_ps(); L]; H];
+        for (h, a) in acc.iter_mut().enumerate() {
+            for (l, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(yp.add(h * width + 16 * l));
+            }
+        }
+        for j in 0..values.n {
+            let row = base.add(j * values.stride);
+            let mut w = [_mm512_setzero_ps(); H];
+            for (h, w) in w.iter_mut().enumerate() {
+                *w = _mm512_set1_ps(*pp.add(h * p_stride + j));
+            }
+            // `l` picks a vector of the row and a column of the tile.
+            #[allow(clippy::needless_range_loop)]
+            for l in 0..L {
+                let v = T::load16(row.add(16 * l));
+                for h in 0..H {
+                    acc[h][l] = _mm512_fmadd_ps(w[h], v, acc[h][l]);
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            for (l, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(yp.add(h * width + 16 * l), *a);
+            }
+        }
     }
 
     /// The columns `8 * L` at a time, then in narrower passes.
@@ -1113,10 +1190,20 @@ pub(crate) mod avx2 {
     /// SAFETY: as [`weighted_sum_heads`], `ys.len() == H * width`, `width % 8 == 0`.
     #[inline(always)]
     unsafe fn weighted_heads_with<T: KvElem, const H: usize, const L: usize>(
+        a: WeightedHeadsArgs<'_, '_, T>,
+    ) {
+        weighted_heads_from::<T, H, L>(a, 0)
+    }
+
+    /// [`weighted_heads_with`] from column `c` on.
+    ///
+    /// SAFETY: as [`weighted_heads_with`], `c % 8 == 0`.
+    #[inline(always)]
+    unsafe fn weighted_heads_from<T: KvElem, const H: usize, const L: usize>(
         (ys, p, p_stride, values): WeightedHeadsArgs<'_, '_, T>,
+        mut c: usize,
     ) {
         let width = ys.len() / H;
-        let mut c = 0;
         while c + 8 * L <= width {
             weighted_heads_columns::<T, H, L>(ys, width, c, (p, p_stride), values);
             c += 8 * L;
@@ -1417,16 +1504,23 @@ mod tests {
     /// per-head path.
     #[test]
     fn multi_head_kernels_equal_the_per_head_kernels() {
+        let v = wave(37 * 200, 0.29);
+        multi_head_equals_per_head(&v);
+        let v: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+        multi_head_equals_per_head(&v);
+    }
+
+    /// [`multi_head_kernels_equal_the_per_head_kernels`] on K/V rows of type `T` (rows of 200).
+    fn multi_head_equals_per_head<T: KvElem>(v: &[T]) {
         let isa = Isa::detect();
         let stride = 200usize;
-        let v = wave(37 * stride, 0.29);
         // Key counts below one tile, whole tiles, and tiles plus four-key and one-key tails.
         for (heads, n) in (1..=9usize).flat_map(|h| [3usize, 16, 37].map(|n| (h, n))) {
             let p_stride = n + 3;
             let p = wave(heads * p_stride, 0.1 + heads as f32);
             for width in [64usize, 32, 16, 8, 24, 12] {
                 let values = HeadRows {
-                    data: &v,
+                    data: v,
                     stride,
                     offset: 16,
                     n,
