@@ -6,7 +6,12 @@
 # The sources are the llama.cpp tree that the PyPI sdist of llama-cpp-python vendors (a
 # machine that reaches only package registries has no other route to them), pinned by version
 # and SHA-256. The build is llama.cpp's own CMake release build with GGML_NATIVE (this CPU's
-# instruction set) and OpenMP, the defaults of its README.
+# instruction set) and OpenMP, the defaults of its README, with one change: its AMX matrix
+# kernels are compiled out (the AMX macros that -march=native defines are undefined). On an
+# AMX CPU (Sapphire Rapids; this project's host since 2026-12) that build's Q4_1 prompt
+# processing dies at once with SIGILL inside `tinygemm_kernel_amx<block_q8_1, block_q4_1>`,
+# although the process was granted the tile state, so the fastest llama.cpp that runs here is
+# its AVX-512 path.
 #
 # Prints the folder holding the two tools on stdout; progress goes to stderr. Idempotent: a
 # second run only prints the folder. Takes ~5 minutes on 2 cores (more with --server).
@@ -24,10 +29,10 @@ url="https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58
 cache="${ORCHARD_CACHE:-$HOME/.cache/orchard}"
 root="$cache/llama.cpp/llama-cpp-python-$version"
 src="$root/src"
-build="$root/build"
+build="$root/build-noamx"
 bin="$build/bin"
 # llama-cpp-python 0.3.36 vendors this llama.cpp commit (its CHANGELOG); the benchmark reports it.
-source_note="llama.cpp 0c1e57098 (vendored by llama-cpp-python $version)"
+source_note="llama.cpp 0c1e57098 (vendored by llama-cpp-python $version; AMX kernels compiled out)"
 built=1
 for target in "${targets[@]}"; do [[ -x "$bin/$target" ]] || built=0; done
 if ((built)) && [[ -f "$bin/orchard-source.txt" ]]; then
@@ -63,7 +68,9 @@ fi
 echo "configuring llama.cpp (release, GGML_NATIVE)..." >&2
 server=OFF
 [[ " ${targets[*]} " == *" llama-server "* ]] && server=ON
+no_amx="-U__AMX_TILE__ -U__AMX_INT8__ -U__AMX_BF16__"
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER="$server" >&2
 echo "building ${targets[*]}..." >&2
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}" >&2
