@@ -7,11 +7,11 @@
 # machine that reaches only package registries has no other route to them), pinned by version
 # and SHA-256. The build is llama.cpp's own CMake release build with GGML_NATIVE (this CPU's
 # instruction set) and OpenMP, the defaults of its README, with one change: its AMX matrix
-# kernels are compiled out (the AMX macros that -march=native defines are undefined). On an
-# AMX CPU (Sapphire Rapids; this project's host since 2026-12) that build's Q4_1 prompt
-# processing dies at once with SIGILL inside `tinygemm_kernel_amx<block_q8_1, block_q4_1>`,
-# although the process was granted the tile state, so the fastest llama.cpp that runs here is
-# its AVX-512 path.
+# kernels are compiled out (the AMX macros that -march=native defines are undefined). On a
+# CPU that reports AMX (this project's host since 2026-12) that build's Q4_1 prompt processing
+# dies at once with SIGILL inside `tinygemm_kernel_amx<block_q8_1, block_q4_1>`, although the
+# tile state is granted to processes here (a C test ran `tdpbssd`), so the fastest llama.cpp
+# that runs here is its AVX-512 path.
 #
 # Prints the folder holding the two tools on stdout; progress goes to stderr. Idempotent: a
 # second run only prints the folder. Takes ~5 minutes on 2 cores (more with --server).
