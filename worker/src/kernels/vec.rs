@@ -1118,8 +1118,8 @@ pub(crate) mod avx2 {
         weighted_heads_with::<T, H, L>(a)
     }
 
-    /// 512-bit registers: the columns 64 at a time (four vectors per head), then 32 and 16,
-    /// then a last 8 with [`weighted_heads_from`]. Each lane is a column whose rows are added
+    /// 512-bit registers ([`Zmm`]): the columns 64 at a time (four vectors per head), then 32
+    /// and 16, then a last 8 with [`weighted_heads_from`]. Each lane is a column whose rows are added
     /// in `j` order as in the 256-bit kernel, so the same bits with half the instructions.
     ///
     /// SAFETY: avx2, fma, f16c, avx512f and avx512vl available; as [`weighted_sum_heads`].
@@ -1130,59 +1130,18 @@ pub(crate) mod avx2 {
         let width = ys.len() / H;
         let mut c = 0;
         while c + 64 <= width {
-            weighted_heads_columns16::<T, H, 4>(ys, width, c, (p, p_stride), values);
+            weighted_heads_columns::<Zmm, T, H, 4>(ys, width, c, (p, p_stride), values);
             c += 64;
         }
         if c + 32 <= width {
-            weighted_heads_columns16::<T, H, 2>(ys, width, c, (p, p_stride), values);
+            weighted_heads_columns::<Zmm, T, H, 2>(ys, width, c, (p, p_stride), values);
             c += 32;
         }
         if c + 16 <= width {
-            weighted_heads_columns16::<T, H, 1>(ys, width, c, (p, p_stride), values);
+            weighted_heads_columns::<Zmm, T, H, 1>(ys, width, c, (p, p_stride), values);
             c += 16;
         }
         weighted_heads_from::<T, H, 1>((ys, p, p_stride, values), c);
-    }
-
-    /// [`weighted_heads_columns`] on 512-bit registers: columns `c..c + 16L`.
-    ///
-    /// SAFETY: as [`weighted_heads_columns`] with `c + 16L <= width`, and avx512f available.
-    #[inline(always)]
-    unsafe fn weighted_heads_columns16<T: KvElem, const H: usize, const L: usize>(
-        ys: &mut [f32],
-        width: usize,
-        c: usize,
-        (p, p_stride): (&[f32], usize),
-        values: HeadRows<'_, T>,
-    ) {
-        let (yp, pp) = (ys.as_mut_ptr().add(c), p.as_ptr());
-        let base = values.data.as_ptr().add(values.offset + c);
-        let mut acc = [[_mm512_setzero_ps(); L]; H];
-        for (h, a) in acc.iter_mut().enumerate() {
-            for (l, a) in a.iter_mut().enumerate() {
-                *a = _mm512_loadu_ps(yp.add(h * width + 16 * l));
-            }
-        }
-        for j in 0..values.n {
-            let row = base.add(j * values.stride);
-            let mut w = [_mm512_setzero_ps(); H];
-            for (h, w) in w.iter_mut().enumerate() {
-                *w = _mm512_set1_ps(*pp.add(h * p_stride + j));
-            }
-            // `l` picks a vector of the row and a column of the tile.
-            #[allow(clippy::needless_range_loop)]
-            for l in 0..L {
-                let v = T::load16(row.add(16 * l));
-                for h in 0..H {
-                    acc[h][l] = _mm512_fmadd_ps(w[h], v, acc[h][l]);
-                }
-            }
-        }
-        for (h, a) in acc.iter().enumerate() {
-            for (l, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(yp.add(h * width + 16 * l), *a);
-            }
-        }
     }
 
     /// The columns `8 * L` at a time, then in narrower passes.
@@ -1205,36 +1164,116 @@ pub(crate) mod avx2 {
     ) {
         let width = ys.len() / H;
         while c + 8 * L <= width {
-            weighted_heads_columns::<T, H, L>(ys, width, c, (p, p_stride), values);
+            weighted_heads_columns::<Ymm, T, H, L>(ys, width, c, (p, p_stride), values);
             c += 8 * L;
         }
         // Narrower passes for what is left (all of a split task's columns, when they are fewer
         // than `8L`).
         if L > 4 {
             while c + 32 <= width {
-                weighted_heads_columns::<T, H, 4>(ys, width, c, (p, p_stride), values);
+                weighted_heads_columns::<Ymm, T, H, 4>(ys, width, c, (p, p_stride), values);
                 c += 32;
             }
         }
         if L > 2 {
             while c + 16 <= width {
-                weighted_heads_columns::<T, H, 2>(ys, width, c, (p, p_stride), values);
+                weighted_heads_columns::<Ymm, T, H, 2>(ys, width, c, (p, p_stride), values);
                 c += 16;
             }
         }
         while c < width {
-            weighted_heads_columns::<T, H, 1>(ys, width, c, (p, p_stride), values);
+            weighted_heads_columns::<Ymm, T, H, 1>(ys, width, c, (p, p_stride), values);
             c += 8;
         }
     }
 
-    /// Columns `c..c + 8L` of each head's output: `y_h += sum_j p_h[j] * row_j`, rows in `j`
-    /// order, the `H * L` accumulators in registers.
+    /// A register of `f32` lanes for [`weighted_heads_columns`]: 256-bit ([`Ymm`]) or 512-bit
+    /// ([`Zmm`]), the same operations lane by lane.
+    trait Lanes {
+        type V: Copy;
+        /// Lanes per register.
+        const N: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        /// `N` K/V values widened to `f32`.
+        unsafe fn load_kv<T: KvElem>(p: *const T) -> Self::V;
+        unsafe fn store(p: *mut f32, v: Self::V);
+        unsafe fn splat(x: f32) -> Self::V;
+        /// `a * b + c`, fused.
+        unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    }
+
+    /// AVX2's 256-bit registers.
+    struct Ymm;
+
+    impl Lanes for Ymm {
+        type V = __m256;
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_kv<T: KvElem>(p: *const T) -> __m256 {
+            T::load8(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+    }
+
+    /// AVX-512's 512-bit registers (avx512f available).
+    struct Zmm;
+
+    impl Lanes for Zmm {
+        type V = __m512;
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_kv<T: KvElem>(p: *const T) -> __m512 {
+            T::load16(p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+    }
+
+    /// Columns `c..c + W::N * L` of each head's output: `y_h += sum_j p_h[j] * row_j`, rows in
+    /// `j` order, the `H * L` accumulators in registers.
     ///
-    /// SAFETY: avx2, fma and f16c available; `c + 8L <= width`, `ys.len() == H * width`, the
-    /// weights and rows `super::weighted_sum_heads` checks.
+    /// SAFETY: `W`'s instruction set and f16c available; `c + W::N * L <= width`,
+    /// `ys.len() == H * width`, the weights and rows `super::weighted_sum_heads` checks.
     #[inline(always)]
-    unsafe fn weighted_heads_columns<T: KvElem, const H: usize, const L: usize>(
+    unsafe fn weighted_heads_columns<W: Lanes, T: KvElem, const H: usize, const L: usize>(
         ys: &mut [f32],
         width: usize,
         c: usize,
@@ -1243,30 +1282,30 @@ pub(crate) mod avx2 {
     ) {
         let (yp, pp) = (ys.as_mut_ptr().add(c), p.as_ptr());
         let base = values.data.as_ptr().add(values.offset + c);
-        let mut acc = [[_mm256_setzero_ps(); L]; H];
+        let mut acc = [[W::zero(); L]; H];
         for (h, a) in acc.iter_mut().enumerate() {
             for (l, a) in a.iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(yp.add(h * width + 8 * l));
+                *a = W::load(yp.add(h * width + W::N * l));
             }
         }
         for j in 0..values.n {
             let row = base.add(j * values.stride);
-            let mut w = [_mm256_setzero_ps(); H];
+            let mut w = [W::zero(); H];
             for (h, w) in w.iter_mut().enumerate() {
-                *w = _mm256_set1_ps(*pp.add(h * p_stride + j));
+                *w = W::splat(*pp.add(h * p_stride + j));
             }
             // `l` picks a vector of the row and a column of the tile.
             #[allow(clippy::needless_range_loop)]
             for l in 0..L {
-                let v = T::load8(row.add(8 * l));
+                let v = W::load_kv(row.add(W::N * l));
                 for h in 0..H {
-                    acc[h][l] = _mm256_fmadd_ps(w[h], v, acc[h][l]);
+                    acc[h][l] = W::fmadd(w[h], v, acc[h][l]);
                 }
             }
         }
         for (h, a) in acc.iter().enumerate() {
             for (l, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(yp.add(h * width + 8 * l), *a);
+                W::store(yp.add(h * width + W::N * l), *a);
             }
         }
     }
