@@ -75,7 +75,6 @@ pub(crate) struct TileOut<'o> {
 #[derive(Clone, Copy)]
 struct OutRows<'o> {
     ptr: *mut f32,
-    t: usize,
     n_out: usize,
     _out: std::marker::PhantomData<&'o mut [f32]>,
 }
@@ -155,7 +154,6 @@ where
     let chunk = row_chunk(job).max(1);
     let rows = OutRows {
         ptr: out.as_mut_ptr(),
-        t,
         n_out,
         _out: std::marker::PhantomData,
     };
@@ -163,11 +161,11 @@ where
     // Task `ci` owns columns `ci * chunk..` of every token's row.
     team::for_each(n_out.div_ceil(chunk), |ci| {
         let cols = ci * chunk..((ci + 1) * chunk).min(n_out);
-        for t0 in (0..rows.t).step_by(tokens_per_tile) {
+        for t0 in (0..t).step_by(tokens_per_tile) {
             tile(TileOut {
                 tile: Tile {
                     rows: cols.clone(),
-                    tokens: t0..(t0 + tokens_per_tile).min(rows.t),
+                    tokens: t0..(t0 + tokens_per_tile).min(t),
                 },
                 out: rows,
             });

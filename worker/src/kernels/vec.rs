@@ -1115,71 +1115,51 @@ pub(crate) mod avx2 {
     unsafe fn weighted_heads_avx2<T: KvElem, const H: usize, const L: usize>(
         a: WeightedHeadsArgs<'_, '_, T>,
     ) {
-        weighted_heads_with::<T, H, L>(a)
+        weighted_heads_with::<Ymm, T, H, L>(a)
     }
 
-    /// 512-bit registers ([`Zmm`]): the columns 64 at a time (four vectors per head), then 32
-    /// and 16, then a last 8 with [`weighted_heads_from`]. Each lane is a column whose rows are added
-    /// in `j` order as in the 256-bit kernel, so the same bits with half the instructions.
+    /// 512-bit registers ([`Zmm`]): 64 columns a pass (four vectors per head). Each lane is a
+    /// column whose rows are added in `j` order as in the 256-bit kernel, so the same bits with
+    /// half the instructions.
     ///
     /// SAFETY: avx2, fma, f16c, avx512f and avx512vl available; as [`weighted_sum_heads`].
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-    unsafe fn weighted_heads_wide<T: KvElem, const H: usize>(
+    unsafe fn weighted_heads_wide<T: KvElem, const H: usize>(a: WeightedHeadsArgs<'_, '_, T>) {
+        weighted_heads_with::<Zmm, T, H, 4>(a)
+    }
+
+    /// The columns `W::N * L` at a time, then in narrower passes of `W`'s registers, then (on
+    /// registers wider than 8 lanes) a last 8 columns on 256-bit ones.
+    ///
+    /// SAFETY: as [`weighted_heads_columns`] for `W` (and AVX2), `ys.len() == H * width`,
+    /// `width % 8 == 0`.
+    #[inline(always)]
+    unsafe fn weighted_heads_with<W: Lanes, T: KvElem, const H: usize, const L: usize>(
         (ys, p, p_stride, values): WeightedHeadsArgs<'_, '_, T>,
     ) {
-        let width = ys.len() / H;
+        let (width, n) = (ys.len() / H, W::N);
         let mut c = 0;
-        while c + 64 <= width {
-            weighted_heads_columns::<Zmm, T, H, 4>(ys, width, c, (p, p_stride), values);
-            c += 64;
-        }
-        if c + 32 <= width {
-            weighted_heads_columns::<Zmm, T, H, 2>(ys, width, c, (p, p_stride), values);
-            c += 32;
-        }
-        if c + 16 <= width {
-            weighted_heads_columns::<Zmm, T, H, 1>(ys, width, c, (p, p_stride), values);
-            c += 16;
-        }
-        weighted_heads_from::<T, H, 1>((ys, p, p_stride, values), c);
-    }
-
-    /// The columns `8 * L` at a time, then in narrower passes.
-    ///
-    /// SAFETY: as [`weighted_sum_heads`], `ys.len() == H * width`, `width % 8 == 0`.
-    #[inline(always)]
-    unsafe fn weighted_heads_with<T: KvElem, const H: usize, const L: usize>(
-        a: WeightedHeadsArgs<'_, '_, T>,
-    ) {
-        weighted_heads_from::<T, H, L>(a, 0)
-    }
-
-    /// [`weighted_heads_with`] from column `c` on.
-    ///
-    /// SAFETY: as [`weighted_heads_with`], `c % 8 == 0`.
-    #[inline(always)]
-    unsafe fn weighted_heads_from<T: KvElem, const H: usize, const L: usize>(
-        (ys, p, p_stride, values): WeightedHeadsArgs<'_, '_, T>,
-        mut c: usize,
-    ) {
-        let width = ys.len() / H;
-        while c + 8 * L <= width {
-            weighted_heads_columns::<Ymm, T, H, L>(ys, width, c, (p, p_stride), values);
-            c += 8 * L;
+        while c + n * L <= width {
+            weighted_heads_columns::<W, T, H, L>(ys, width, c, (p, p_stride), values);
+            c += n * L;
         }
         // Narrower passes for what is left (all of a split task's columns, when they are fewer
-        // than `8L`).
+        // than `N * L`).
         if L > 4 {
-            while c + 32 <= width {
-                weighted_heads_columns::<Ymm, T, H, 4>(ys, width, c, (p, p_stride), values);
-                c += 32;
+            while c + 4 * n <= width {
+                weighted_heads_columns::<W, T, H, 4>(ys, width, c, (p, p_stride), values);
+                c += 4 * n;
             }
         }
         if L > 2 {
-            while c + 16 <= width {
-                weighted_heads_columns::<Ymm, T, H, 2>(ys, width, c, (p, p_stride), values);
-                c += 16;
+            while c + 2 * n <= width {
+                weighted_heads_columns::<W, T, H, 2>(ys, width, c, (p, p_stride), values);
+                c += 2 * n;
             }
+        }
+        while c + n <= width {
+            weighted_heads_columns::<W, T, H, 1>(ys, width, c, (p, p_stride), values);
+            c += n;
         }
         while c < width {
             weighted_heads_columns::<Ymm, T, H, 1>(ys, width, c, (p, p_stride), values);
@@ -1321,7 +1301,7 @@ pub(crate) mod avx2 {
         // so the FMA chains of different columns overlap; each column still adds its rows in
         // `j` order), then the columns after the last whole vector one by one.
         let (y, tail) = y.split_at_mut(y.len() / 8 * 8);
-        weighted_heads_with::<T, 1, 8>((y, p, values.n, values));
+        weighted_heads_with::<Ymm, T, 1, 8>((y, p, values.n, values));
         let (first, base) = (y.len(), values.data.as_ptr().add(values.offset));
         for (i, y) in tail.iter_mut().enumerate() {
             for (j, &a) in p[..values.n].iter().enumerate() {
