@@ -16,9 +16,12 @@
 //! - the eight `sumi` of a block come out of vertical integer adds, with no horizontal
 //!   reduction per block (16-bit partial sums cannot overflow: 8 steps × 2 × 15 × 127);
 //! - the float part runs in row lanes, in candle's exact operation order per row
-//!   (`sumf += sumi * d_w * d_x + m_w * s_x`, block after block, no FMA contraction), so
-//!   every output equals candle's bit for bit, and therefore does not depend on how many
-//!   tokens share the step either (batch invariance);
+//!   (`sumf += sumi * d_w * d_x + m_w * s_x`, block after block), so every output equals
+//!   candle's bit for bit, and therefore does not depend on how many tokens share the step
+//!   either (batch invariance). The one fused operation is `m_w * s_x + scaled` as an FMA:
+//!   `m_w` and `s_x` are both f16 values (11 significant bits each), so their product is
+//!   exact in f32 and the FMA's single rounding is the separate add's. Every other product is
+//!   rounded where candle rounds it;
 //! - scales and mins stay f16, eight per block and group, widened with F16C;
 //! - a group's block keeps its eight scales, eight mins and 128 nibble bytes together (one
 //!   160-byte [`GroupBlock`]), so a pass over a group reads one stream of memory.
@@ -919,7 +922,8 @@ mod avx2 {
                 let dx = _mm256_set1_ps(*x[c].d.get_unchecked(b));
                 let sx = _mm256_set1_ps(*x[c].s.get_unchecked(b));
                 let scaled = _mm256_mul_ps(_mm256_mul_ps(sumi, dw), dx);
-                let t = _mm256_add_ps(scaled, _mm256_mul_ps(mw, sx));
+                // Exact product of two f16 values: the same bits as mul, then add.
+                let t = _mm256_fmadd_ps(mw, sx, scaled);
                 sumf[c] = _mm256_add_ps(sumf[c], t);
             }
         }
@@ -1096,7 +1100,8 @@ mod avx2 {
                 let dx = _mm512_set1_ps(*x[c].d.get_unchecked(b));
                 let sx = _mm512_set1_ps(*x[c].s.get_unchecked(b));
                 let scaled = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), dx);
-                let t = _mm512_add_ps(scaled, _mm512_mul_ps(mw, sx));
+                // Exact product of two f16 values: the same bits as mul, then add.
+                let t = _mm512_fmadd_ps(mw, sx, scaled);
                 sumf[c] = _mm512_add_ps(sumf[c], t);
             }
         }
