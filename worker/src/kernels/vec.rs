@@ -253,6 +253,92 @@ pub fn scores_heads<T: KvElem>(
     }
 }
 
+/// Keys a score kernel reads 16 at a time, lane `u` of a vector being key `u` of a run of
+/// sixteen: [`KeysT::fill`] transposes a block's key rows (widened to f32) into runs of
+/// `[d][16]`, zero past the block's last key, and [`KeysT::scores_heads`] then computes every
+/// query head's scores for sixteen keys per vector. Each lane does a key's [`scores`] chain:
+/// eight FMA accumulators per key (the chain of lane `i % 8`, in index order), summed in
+/// [`scores`]' pairing and scaled, so the bits are [`scores_heads`]'; but where that kernel
+/// spends eight 8-wide FMAs and a horizontal sum per key and 64-wide head, this one spends
+/// four 16-wide FMAs per key and no shuffle. The transpose is paid once per block for all the
+/// query rows of a prefill tile. Only on CPUs with AVX-512F ([`KeysT::supported`]).
+#[derive(Debug, Default)]
+pub struct KeysT {
+    /// `[n.div_ceil(16)][d][16]`.
+    data: Vec<f32>,
+    d: usize,
+    n: usize,
+}
+
+impl KeysT {
+    /// Whether this CPU runs the transposed kernels for head dimension `d` (AVX-512F, and `d`
+    /// a multiple of 8).
+    pub fn supported(isa: Isa, d: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa == Isa::Avx2 && has_avx512f() && d > 0 && d.is_multiple_of(8)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (isa, d);
+            false
+        }
+    }
+
+    /// Transposes the `keys.n` rows of `keys` (`d` values each) into runs of sixteen keys.
+    ///
+    /// # Panics
+    /// If `!Self::supported(isa, d)` or a row lies outside `keys.data`.
+    pub fn fill<T: KvElem>(&mut self, isa: Isa, keys: HeadRows<'_, T>, d: usize) {
+        assert!(
+            Self::supported(isa, d) && keys.fits(d),
+            "KeysT::fill: unsupported or lengths"
+        );
+        let len = keys.n.div_ceil(16) * d * 16;
+        if self.data.len() < len {
+            self.data.resize(len, 0.0);
+        }
+        (self.d, self.n) = (d, keys.n);
+        // SAFETY: `supported` checked avx512f (runtime detection) and `d % 8`; the rows by
+        // `fits`, the output length just above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx2::transpose_keys(keys, d, &mut self.data[..len])
+        };
+    }
+
+    /// `out[h * out_stride + j] = scale * q_h · k_j` for the first `n` keys filled (`q_h` the
+    /// `h`th `d`-wide row of `qs`): [`scores_heads`]' bits.
+    ///
+    /// # Panics
+    /// If `n` exceeds the keys filled, `qs` is not whole heads, or `out` is too short.
+    pub fn scores_heads(
+        &self,
+        qs: &[f32],
+        n: usize,
+        scale: f32,
+        (out, out_stride): (&mut [f32], usize),
+    ) {
+        let d = self.d;
+        let heads = qs.len().checked_div(d).unwrap_or(0);
+        assert!(
+            n <= self.n
+                && heads * d == qs.len()
+                && out_stride >= n
+                && (heads == 0 || (heads - 1) * out_stride + n <= out.len()),
+            "KeysT::scores_heads: lengths"
+        );
+        // SAFETY: a filled `KeysT` has passed `supported` (avx512f); lengths checked above,
+        // and `data` holds `n.div_ceil(16)` runs of `d * 16`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx2::scores_transposed(qs, d, &self.data, n, scale, (out, out_stride))
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (scale, out);
+    }
+}
+
 /// [`weighted_sum`] for several heads over the same value rows: `ys` holds one `width`-wide
 /// output per head, and head `h`'s weights are `p[h * p_stride..][..values.n]`. The heads share
 /// every value load and their FMA chains run interleaved; each output element still adds its
@@ -1082,6 +1168,103 @@ pub(crate) mod avx2 {
         acc
     }
 
+    /// [`super::KeysT::fill`]: runs of sixteen keys as `[d][16]`, zero lanes past `keys.n`.
+    ///
+    /// SAFETY: avx2, f16c and avx512f available; `d % 8 == 0`, `keys.fits(d)`,
+    /// `out.len() >= keys.n.div_ceil(16) * d * 16`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    pub(super) unsafe fn transpose_keys<T: KvElem>(
+        keys: HeadRows<'_, T>,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        let (base, o) = (keys.data.as_ptr().add(keys.offset), out.as_mut_ptr());
+        for run in 0..keys.n.div_ceil(16) {
+            for half in 0..2 {
+                let first = run * 16 + half * 8;
+                let rows = keys.n.saturating_sub(first).min(8);
+                let mut i = 0;
+                while i < d {
+                    let mut v = [_mm256_setzero_ps(); 8];
+                    for (u, v) in v.iter_mut().enumerate().take(rows) {
+                        *v = T::load8(base.add((first + u) * keys.stride + i));
+                    }
+                    for (r, t) in transpose8(v).into_iter().enumerate() {
+                        _mm256_storeu_ps(o.add((run * d + i + r) * 16 + half * 8), t);
+                    }
+                    i += 8;
+                }
+            }
+        }
+    }
+
+    /// [`super::KeysT::scores_heads`], in runs of at most three heads (24 accumulators).
+    ///
+    /// SAFETY: avx2, fma and avx512f available; `d % 8 == 0`, `qs` whole heads, `kt` holds
+    /// `n.div_ceil(16)` runs of `d * 16`, `out` as `super::KeysT::scores_heads` checks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    pub(super) unsafe fn scores_transposed(
+        qs: &[f32],
+        d: usize,
+        kt: &[f32],
+        n: usize,
+        scale: f32,
+        (out, out_stride): (&mut [f32], usize),
+    ) {
+        for (i, q) in qs.chunks(3 * d).enumerate() {
+            let o = out.as_mut_ptr().add(i * 3 * out_stride);
+            let a = (q.as_ptr(), d, kt.as_ptr(), n, scale, o, out_stride);
+            match (q.len() / d, d) {
+                (3, 64) => scores_transposed_with::<3, 64>(a),
+                (3, _) => scores_transposed_with::<3, 0>(a),
+                (2, _) => scores_transposed_with::<2, 0>(a),
+                _ => scores_transposed_with::<1, 0>(a),
+            }
+        }
+    }
+
+    /// [`scores_transposed`]' arguments for `H` heads: queries, `d`, transposed keys, key
+    /// count, scale, output and its stride.
+    type TransposedArgs = (*const f32, usize, *const f32, usize, f32, *mut f32, usize);
+
+    /// `H` heads against each run of sixteen keys: head `h`'s accumulator `r` is lane `r` of
+    /// [`head_key_dots`]' chain for all sixteen keys at once (`q[i] * k[i]` for `i % 8 == r`,
+    /// FMA in index order from zero), reduced in [`hsum`]'s pairing, then scaled. `D` is `d`
+    /// when it is a constant worth a fixed trip count, else 0.
+    ///
+    /// SAFETY: as [`scores_transposed`], `H` heads at `q`, `H` output rows.
+    #[inline(always)]
+    unsafe fn scores_transposed_with<const H: usize, const D: usize>(
+        (q, d, kt, n, scale, out, out_stride): TransposedArgs,
+    ) {
+        let d = if D == 0 { d } else { D };
+        let scale = _mm512_set1_ps(scale);
+        for run in 0..n.div_ceil(16) {
+            let k = kt.add(run * d * 16);
+            let mut acc = [[_mm512_setzero_ps(); 8]; H];
+            let mut i = 0;
+            while i < d {
+                for r in 0..8 {
+                    let kv = _mm512_loadu_ps(k.add((i + r) * 16));
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(h * d + i + r)), kv, acc[r]);
+                    }
+                }
+                i += 8;
+            }
+            let lanes = (n - run * 16).min(16);
+            let mask = (u32::MAX >> (32 - lanes)) as __mmask16;
+            for (h, a) in acc.iter().enumerate() {
+                let s = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                    _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])),
+                );
+                let o = out.add(h * out_stride + run * 16);
+                _mm512_mask_storeu_ps(o, mask, _mm512_mul_ps(s, scale));
+            }
+        }
+    }
+
     /// [`super::weighted_sum_heads`] for 1-4 heads, `width % 8 == 0`: `L` vectors of columns
     /// per head in registers, `L` as large as the registers allow; with `wide` (AVX-512), 16
     /// columns a vector in [`weighted_heads_wide`].
@@ -1567,6 +1750,23 @@ mod tests {
                     together, apart,
                     "scores, {heads} heads, width {width}, n {n}"
                 );
+
+                // Keys transposed into runs of sixteen (AVX-512F): every prefix of the keys.
+                if KeysT::supported(isa, width) {
+                    let mut kt = KeysT::default();
+                    kt.fill(isa, values, width);
+                    for m in [n, n - 1, n.min(16), 1] {
+                        let mut t = vec![0f32; heads * out_stride];
+                        kt.scores_heads(&qs, m, 0.125, (&mut t, out_stride));
+                        let want: Vec<f32> = (0..heads * out_stride)
+                            .map(|i| if i % out_stride < m { apart[i] } else { 0.0 })
+                            .collect();
+                        assert_eq!(
+                            t, want,
+                            "transposed scores, {heads} heads, width {width}, n {n}, first {m}"
+                        );
+                    }
+                }
 
                 // The 16-register tiles a CPU without AVX-512VL gets.
                 #[cfg(target_arch = "x86_64")]

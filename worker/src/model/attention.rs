@@ -39,6 +39,10 @@ const PARALLEL_MIN_TOKENS: usize = 4;
 /// brought into cache once for all of them (a long prompt's K/V does not fit in L2).
 const QUERY_TILE: usize = 8;
 
+/// From this many tokens a tile's scores read each block's keys transposed ([`vec::KeysT`]):
+/// the transpose costs about as many instructions as one token's scores save.
+const TRANSPOSE_MIN_TOKENS: usize = 2;
+
 /// A step with fewer tokens (decode) spreads a token's attention over the compute team (see
 /// [`attend_split`]) once the token covers this many (head, position) pairs; below it, the
 /// team's hand-offs cost more than the work.
@@ -242,7 +246,10 @@ fn attend_heads<T: KvElem>(
     }
     // Of a block's `n` rows from position `first`, those a token with context `ctx` sees.
     let seen = |ctx: usize, first: usize, n: usize| (first < ctx).then(|| n.min(ctx - first));
-    PROBS.with_borrow_mut(|probs| {
+    // A tile of several tokens reads each block's keys transposed (one transpose, then
+    // sixteen keys a vector for every query row).
+    let transposed = tile.len() >= TRANSPOSE_MIN_TOKENS && vec::KeysT::supported(isa, d);
+    SCRATCH.with_borrow_mut(|Scratch { probs, keys_t }| {
         // Token `i`'s head `h` scores its first `ctx` positions in row `i * nh + h` (`span`
         // wide); every one of them is written below.
         let probs = buffer_prefix(probs, tile.len() * nh * span);
@@ -252,12 +259,20 @@ fn attend_heads<T: KvElem>(
             if let Some(&(ahead, _, an)) = blocks.peek() {
                 vec::prefetch_rows(rows(kv.rows(layer, ahead * bs, an).0, an), d);
             }
+            if transposed {
+                keys_t.fill(isa, rows(keys, n), d);
+            }
             for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
                 let Some(n) = seen(token.ctx, first, n) else {
                     continue;
                 };
                 let qs = &token.q_row[heads_range.start * d..heads_range.end * d];
-                vec::scores_heads(isa, qs, d, rows(keys, n), scale, (&mut p[first..], span));
+                let out = (&mut p[first..], span);
+                if transposed {
+                    keys_t.scores_heads(qs, n, scale, out);
+                } else {
+                    vec::scores_heads(isa, qs, d, rows(keys, n), scale, out);
+                }
             }
         }
         for ((token, _), p) in tile.iter().zip(probs.chunks_exact_mut(nh * span)) {
@@ -288,10 +303,18 @@ fn attend_heads<T: KvElem>(
     });
 }
 
+/// [`attend_heads`]' buffers, reused by every call on this thread (a prefill makes one call per
+/// tile and KV head).
+#[derive(Default)]
+struct Scratch {
+    /// Score rows.
+    probs: Vec<f32>,
+    /// The current block's keys, transposed.
+    keys_t: vec::KeysT,
+}
+
 thread_local! {
-    /// [`attend_heads`]' score rows, reused by every call on this thread (a prefill makes one
-    /// call per token and KV head).
-    static PROBS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Value columns per weighted-sum task of [`attend_split`] for head dimension `d`, if any
