@@ -44,6 +44,9 @@ pub(crate) struct RowsJob {
     pub t: usize,
     /// Bytes of weights per output row, to size tasks.
     pub row_bytes: usize,
+    /// Tasks start on multiples of this many rows (at least [`ROW_ALIGN`]): a kernel that
+    /// computes wider runs of rows at once then gets no odd piece per task.
+    pub align: usize,
 }
 
 /// Tokens per tile in a multi-token product: the tile's quantized activations (16 rows of at
@@ -238,13 +241,15 @@ fn round_half_away(x: f32) -> f32 {
 /// row groups (Q4_1, Q8_0) never split a group between tasks.
 pub(crate) const ROW_ALIGN: usize = 8;
 
-/// Rows per task (a multiple of [`ROW_ALIGN`]): enough tasks to balance the team, enough work per task to amortize
+/// Rows per task (a multiple of `job.align` and [`ROW_ALIGN`]): enough tasks to balance the team, enough work per task to amortize
 /// scheduling (~16 KiB of weight traffic or equivalent work).
 fn row_chunk(job: RowsJob) -> usize {
     let threads = team::current_threads();
     let target = job.n_out.div_ceil(threads * 4);
     let min_rows = (16384 / (job.row_bytes + 1) / job.t.max(1)).clamp(4, 256);
-    target.max(min_rows).next_multiple_of(ROW_ALIGN)
+    target
+        .max(min_rows)
+        .next_multiple_of(job.align.max(ROW_ALIGN))
 }
 
 #[cfg(test)]

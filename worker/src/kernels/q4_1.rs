@@ -347,6 +347,7 @@ impl Q4_1Matrix {
             n_out: self.n_out,
             t: act.t,
             row_bytes: nb * BLOCK_BYTES,
+            align: kernel.row_align(),
         };
         par_rows(job, out, |mut o: TileOut<'_>| {
             let tile = o.tile.clone();
@@ -512,6 +513,9 @@ enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// [`Kernel::Vnni`], with the multi-token tiles' integer sums on AMX tiles.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Amx,
 }
 
 impl Kernel {
@@ -526,6 +530,10 @@ impl Kernel {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni") =>
             {
+                #[cfg(target_os = "linux")]
+                if amx::available() {
+                    return Kernel::Amx;
+                }
                 Kernel::Vnni
             }
             #[cfg(target_arch = "x86_64")]
@@ -542,8 +550,21 @@ impl Kernel {
             Kernel::Scalar => {}
             Kernel::Avx2 => all.push(Kernel::Avx2),
             Kernel::Vnni => all.extend([Kernel::Avx2, Kernel::Vnni]),
+            #[cfg(target_os = "linux")]
+            Kernel::Amx => all.extend([Kernel::Avx2, Kernel::Vnni, Kernel::Amx]),
         }
         all
+    }
+
+    /// The rows a task of a product should start on a multiple of: an AMX tile product takes
+    /// two row groups at a time, and a task with an odd group leaves it to the VNNI passes
+    /// (a 512-token prefill took 3% longer with tasks of 72 rows than of 80).
+    fn row_align(self) -> usize {
+        match self {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => 2 * ROWS,
+            _ => ROWS,
+        }
     }
 
     /// A multi-token tile of `m`'s product with `act` ([`tile_with`]), into `o`.
@@ -572,6 +593,10 @@ impl Kernel {
             // detected; shapes checked above.
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => unsafe { avx2::tile_vnni(m, act, o) },
+            // SAFETY: `Amx` is only constructed after `Vnni`'s detection and `amx::available`
+            // (CPUID, and the kernel's permission for the tile state); shapes checked above.
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => unsafe { avx2::tile_amx(m, act, o) },
         }
     }
 
@@ -610,8 +635,201 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::dot_rows_1(m, groups, x, stream, out) },
             // SAFETY: `Vnni` additionally requires avx512f, avx512vl and avx512vnni, detected.
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Vnni | Kernel::Amx => unsafe {
+                avx2::dot_rows_1_vnni(m, groups, x, stream, out)
+            },
+            #[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
             Kernel::Vnni => unsafe { avx2::dot_rows_1_vnni(m, groups, x, stream, out) },
+        }
+    }
+}
+
+/// Intel AMX (Sapphire Rapids and later): tile registers and the `tdpbsud` integer tile
+/// product, through inline assembly (Rust has no stable intrinsics for them). A tile product
+/// of a block gives the same exact integer sums as the VNNI kernel, so the same bits.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use std::arch::asm;
+
+    /// Tokens of one tile product: the rows of an activation tile (AMX's 16).
+    pub const TOKENS: usize = 16;
+    /// Bytes of one block's weight tile: 8 rows (four activations each) × 16 weight rows × 4.
+    pub const WEIGHT_TILE_BYTES: usize = 512;
+
+    /// One block's weight tile.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    pub struct WeightTile(pub [u8; WEIGHT_TILE_BYTES]);
+
+    /// A task's unpacked weight tiles and its token tile's scales, reused by every call on
+    /// this thread.
+    #[derive(Default)]
+    struct Scratch {
+        /// Which rows `tiles` holds: the matrix's blocks' address, and the rows.
+        key: Option<(usize, usize, usize)>,
+        /// `[pairs][nb]` weight tiles.
+        tiles: Vec<WeightTile>,
+        /// `[nb][TOKENS]` activation scales `d`, then `[nb][TOKENS]` sums `s`.
+        scales: Vec<f32>,
+    }
+
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+    }
+
+    /// This thread's buffers for a tile of weight rows `key` (`n` weight tiles, `nb` blocks):
+    /// the weight tiles, whether they must be unpacked (they hold other rows, or `refill`),
+    /// and room for `2 * nb * TOKENS` scales. The pointers stay valid until the next call on
+    /// this thread.
+    pub fn scratch(
+        key: (usize, usize, usize),
+        n: usize,
+        nb: usize,
+        refill: bool,
+    ) -> (*mut WeightTile, bool, *mut f32) {
+        SCRATCH.with_borrow_mut(|s| {
+            if s.tiles.len() < n {
+                s.tiles.resize(n, WeightTile([0; WEIGHT_TILE_BYTES]));
+            }
+            if s.scales.len() < 2 * nb * TOKENS {
+                s.scales.resize(2 * nb * TOKENS, 0.0);
+            }
+            let fill = refill || s.key != Some(key);
+            s.key = Some(key);
+            (s.tiles.as_mut_ptr(), fill, s.scales.as_mut_ptr())
+        })
+    }
+
+    /// One block's sums: `[token][row]`, 16 × 16 `i32`.
+    #[repr(C, align(64))]
+    pub struct SumTile(pub [[i32; 16]; TOKENS]);
+
+    impl SumTile {
+        pub const ZERO: Self = Self([[0; 16]; TOKENS]);
+    }
+
+    /// `ldtilecfg`'s 64-byte operand (palette 1).
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Tiles 0 and 1: sums (16 tokens × 16 `i32`); 2 and 3: activations (16 tokens × one
+    /// block's 32 `i8`); 4 and 5: weights (8 rows of four nibbles × 16 weight rows). Each
+    /// triple is one block's product; two let a block's product run while the previous one's
+    /// sums are read.
+    static CONFIG: TileConfig = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 32, 32, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    /// Whether this CPU has AMX-TILE and AMX-INT8 and Linux lets this process use the tile
+    /// state (asked once, with `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`; a
+    /// hypervisor or kernel that does not grant it leaves the VNNI kernel in use). Setting
+    /// `ORCHARD_NO_AMX=1` in the environment turns it off.
+    pub fn available() -> bool {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            if std::env::var_os("ORCHARD_NO_AMX").is_some_and(|v| v != "0") {
+                return false;
+            }
+            // Asked after the VNNI detection: CPUID leaf 7 exists.
+            let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+            const TILE_INT8: u32 = (1 << 24) | (1 << 25);
+            if leaf7.edx & TILE_INT8 != TILE_INT8 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: a request for a permission; it touches no memory of this process.
+            let granted = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            } == 0;
+            granted && os_saves_tiles()
+        })
+    }
+
+    /// XCR0 bits 17 and 18 (tile configuration and data saved by the OS).
+    fn os_saves_tiles() -> bool {
+        if !std::arch::is_x86_feature_detected!("xsave") {
+            return false;
+        }
+        // SAFETY: xsave detected (OSXSAVE included: std checks it before reporting xsave).
+        let xcr0 = unsafe { xgetbv0() };
+        xcr0 & (3 << 17) == 3 << 17
+    }
+
+    /// SAFETY: xsave available.
+    #[target_feature(enable = "xsave")]
+    unsafe fn xgetbv0() -> u64 {
+        std::arch::x86_64::_xgetbv(0)
+    }
+
+    /// Loads [`CONFIG`] into this thread's tile configuration.
+    ///
+    /// SAFETY: [`available`].
+    #[inline(always)]
+    pub unsafe fn configure() {
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, preserves_flags, readonly));
+    }
+
+    /// Releases this thread's tiles (a context switch then saves no tile data).
+    ///
+    /// SAFETY: [`available`].
+    #[inline(always)]
+    pub unsafe fn release() {
+        asm!("tilerelease", options(nostack, preserves_flags, nomem));
+    }
+
+    /// Tile set `S` (0 or 1): zeroes the sums and adds the product of the activation tile at
+    /// `x` (16 rows of 32 `i8`, `stride` bytes apart) with the weight tile `w`.
+    ///
+    /// SAFETY: tiles configured; 16 rows readable at `x`.
+    #[inline(always)]
+    pub unsafe fn product<const S: usize>(x: *const i8, stride: usize, w: &WeightTile) {
+        if S == 0 {
+            asm!(
+                "tileloadd tmm2, [{x} + {s} * 1]",
+                "tileloadd tmm4, [{w} + {ws} * 1]",
+                "tilezero tmm0",
+                "tdpbsud tmm0, tmm2, tmm4",
+                x = in(reg) x, s = in(reg) stride, w = in(reg) w.0.as_ptr(), ws = in(reg) 64usize,
+                options(nostack, preserves_flags, readonly),
+            );
+        } else {
+            asm!(
+                "tileloadd tmm3, [{x} + {s} * 1]",
+                "tileloadd tmm5, [{w} + {ws} * 1]",
+                "tilezero tmm1",
+                "tdpbsud tmm1, tmm3, tmm5",
+                x = in(reg) x, s = in(reg) stride, w = in(reg) w.0.as_ptr(), ws = in(reg) 64usize,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+    }
+
+    /// Stores tile set `S`'s sums into `out`.
+    ///
+    /// SAFETY: tiles configured and set `S` holds a product.
+    #[inline(always)]
+    pub unsafe fn store<const S: usize>(out: &mut SumTile) {
+        let p = out.0.as_mut_ptr();
+        if S == 0 {
+            asm!("tilestored [{p} + {s} * 1], tmm0", p = in(reg) p, s = in(reg) 64usize, options(nostack, preserves_flags));
+        } else {
+            asm!("tilestored [{p} + {s} * 1], tmm1", p = in(reg) p, s = in(reg) 64usize, options(nostack, preserves_flags));
         }
     }
 }
@@ -639,6 +857,8 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    #[cfg(target_os = "linux")]
+    use super::{amx, passes, TOKENS, WIDE_TOKENS};
     use super::{
         next_group, tile_with, GroupBlock, Passes, Q4_1Matrix, Q8_1Activations, WGroup, XRow,
         PREFETCH_BLOCKS, QK, ROWS,
@@ -1030,6 +1250,199 @@ mod avx2 {
         tile_with::<VnniPasses>(m, act, o)
     }
 
+    /// [`tile_with`] with the integer sums of each pair of row groups against a whole tile of
+    /// [`amx::TOKENS`] tokens on AMX tiles ([`amx_pair`]); a last odd group, and a tile of
+    /// fewer tokens (a prefill's end), take the VNNI passes.
+    ///
+    /// SAFETY: as [`tile_vnni`], and `amx::available()`.
+    #[cfg(target_os = "linux")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn tile_amx(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut TileOut<'_>) {
+        let tile = o.tile.clone();
+        if tile.tokens.len() != amx::TOKENS {
+            return tile_with::<VnniPasses>(m, act, o);
+        }
+        amx::configure();
+        let nb = m.k / QK;
+        let groups = tile.rows.start / ROWS..tile.rows.end.div_ceil(ROWS);
+        let t0 = tile.tokens.start;
+        // A task's tiles of tokens come one after another on one thread, the first from token
+        // 0 (`par_rows`): that one unpacks the task's weight tiles, the others reuse them.
+        let pairs = groups.len() / 2;
+        let key = (
+            m.blocks.as_slice().as_ptr() as usize,
+            tile.rows.start,
+            tile.rows.end,
+        );
+        let (tiles, fill, scales) = amx::scratch(key, pairs * nb, nb, t0 == 0);
+        // SAFETY: this thread's buffers, of these lengths, used only here until it returns.
+        let tiles = std::slice::from_raw_parts_mut(tiles, pairs * nb);
+        let scales = std::slice::from_raw_parts_mut(scales, 2 * nb * amx::TOKENS);
+        // The tokens' scales and sums block-major, `[nb][TOKENS]` each.
+        let (ds, ss) = scales.split_at_mut(nb * amx::TOKENS);
+        for c in 0..amx::TOKENS {
+            let x = act.row(t0 + c);
+            for b in 0..nb {
+                ds[b * amx::TOKENS + c] = x.d[b];
+                ss[b * amx::TOKENS + c] = x.s[b];
+            }
+        }
+        let mut g = groups.start;
+        while g < groups.end {
+            let pass = (groups.end - g).min(2);
+            let rows = g * ROWS..((g + pass) * ROWS).min(tile.rows.end);
+            if pass == 2 {
+                let out = o.columns_mut::<{ amx::TOKENS }>(t0, &rows);
+                let pair = (g - groups.start) / 2;
+                let weights = &mut tiles[pair * nb..][..nb];
+                let (w0, w1) = (m.group(g), m.group(g + 1));
+                if fill {
+                    for (b, tile) in weights.iter_mut().enumerate() {
+                        if t0 == 0 {
+                            prefetch_ahead(w0, b);
+                            prefetch_ahead(w1, b);
+                        }
+                        unpack_pair(w0, w1, b, &mut tile.0);
+                    }
+                }
+                amx_pair(w0, w1, act, t0, weights, (ds, ss), out);
+            } else {
+                let ti = passes::<VnniPasses, WIDE_TOKENS>(m, act, o, (g..g + 1, &rows), t0);
+                let ti = passes::<VnniPasses, TOKENS>(m, act, o, (g..g + 1, &rows), ti);
+                passes::<VnniPasses, 1>(m, act, o, (g..g + 1, &rows), ti);
+            }
+            g += pass;
+        }
+        amx::release();
+    }
+
+    /// Two adjacent row groups (16 rows) against [`amx::TOKENS`] tokens from `t0`: per block,
+    /// the exact integer sums of all 16 × 16 (token, row) pairs from one `tdpbsud` (signed
+    /// activations × unsigned nibbles), then [`pair_with`]'s float part for each token, lane
+    /// for lane (same bits). Block `b + 1`'s tile product runs while block `b`'s sums are
+    /// scaled (two sets of tiles).
+    ///
+    /// SAFETY: as [`tile_amx`], tiles configured ([`amx::configure`]); the tokens lie within
+    /// `act`, `act.k == w0.nb * QK`, `w1` shaped like `w0`, every `out[c].len() <= 2 * ROWS`.
+    #[cfg(target_os = "linux")]
+    #[inline(always)]
+    unsafe fn amx_pair(
+        w0: WGroup<'_>,
+        w1: WGroup<'_>,
+        act: &Q8_1Activations,
+        t0: usize,
+        weights: &[amx::WeightTile],
+        (xd, xs): (&[f32], &[f32]),
+        out: [&mut [f32]; amx::TOKENS],
+    ) {
+        const T: usize = amx::TOKENS;
+        let (nb, k) = (w0.nb, act.k);
+        let xq = act.q.as_ptr().add(t0 * k);
+        let (xd, xs) = (xd.as_ptr(), xs.as_ptr());
+        let mut sums = [amx::SumTile::ZERO, amx::SumTile::ZERO];
+        let mut sumf = [_mm512_setzero_ps(); T];
+        // Block `b + 1`'s product starts, block `b - 1`'s sums (stored one iteration earlier)
+        // are scaled, then block `b`'s are stored: vector loads of data a tile store has just
+        // written, or placed after a tile store still waiting for its product, wait for it.
+        amx::product::<0>(xq, k, &weights[0]);
+        for b in 0..nb {
+            let next = b + 1;
+            if next < nb {
+                let x = xq.add(next * QK);
+                if next % 2 == 0 {
+                    amx::product::<0>(x, k, &weights[next]);
+                } else {
+                    amx::product::<1>(x, k, &weights[next]);
+                }
+            }
+            if b > 0 {
+                add_block(&mut sumf, &sums[(b - 1) % 2], (w0, w1, b - 1), (xd, xs));
+            }
+            if b % 2 == 0 {
+                amx::store::<0>(&mut sums[0]);
+            } else {
+                amx::store::<1>(&mut sums[1]);
+            }
+        }
+        add_block(&mut sumf, &sums[(nb - 1) % 2], (w0, w1, nb - 1), (xd, xs));
+        for (v, o) in sumf.into_iter().zip(out) {
+            if o.len() == 2 * ROWS {
+                _mm512_storeu_ps(o.as_mut_ptr(), v);
+            } else {
+                let mut lanes = [0f32; 2 * ROWS];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                o.copy_from_slice(&lanes[..o.len()]);
+            }
+        }
+    }
+
+    /// `sumf[c] += sumi * d_w * d_x + m_w * s_x` for each token `c` of an AMX tile's block `b`
+    /// ([`pair_with`]'s float part, the same operations), from the block's stored sums.
+    ///
+    /// SAFETY: avx512f and f16c; `b < w0.nb`, `w1` shaped like `w0`, and `xd`, `xs` hold
+    /// `[nb][TOKENS]` values.
+    #[cfg(target_os = "linux")]
+    #[inline(always)]
+    unsafe fn add_block(
+        sumf: &mut [__m512; amx::TOKENS],
+        sums: &amx::SumTile,
+        (w0, w1, b): (WGroup<'_>, WGroup<'_>, usize),
+        (xd, xs): (*const f32, *const f32),
+    ) {
+        const T: usize = amx::TOKENS;
+        let (b0, b1) = (w0.blocks.get_unchecked(b), w1.blocks.get_unchecked(b));
+        let dw = widen16(b0.d.as_ptr(), b1.d.as_ptr());
+        let mw = widen16(b0.m.as_ptr(), b1.m.as_ptr());
+        for (c, sumf) in sumf.iter_mut().enumerate() {
+            let sumi = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums.0[c].as_ptr() as *const _));
+            let dx = _mm512_set1_ps(*xd.add(b * T + c));
+            let sx = _mm512_set1_ps(*xs.add(b * T + c));
+            let scaled = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), dx);
+            // Exact product of two f16 values: the same bits as mul, then add.
+            let t = _mm512_fmadd_ps(mw, sx, scaled);
+            *sumf = _mm512_add_ps(*sumf, t);
+        }
+    }
+
+    /// The tile of block `b`'s unsigned nibbles of groups `w0` and `w1`: row `c` (c < 4) holds
+    /// chunk `c`'s low nibbles (weights 4c..4c + 4 of each of the 16 rows, `w0`'s first), row
+    /// 4 + c its high nibbles: the `vpdpbusd` operands of [`pair_with`].
+    ///
+    /// SAFETY: avx512f and avx512bw; `b < w0.nb`, `w1` shaped like `w0`.
+    #[cfg(target_os = "linux")]
+    #[inline(always)]
+    unsafe fn unpack_pair(
+        w0: WGroup<'_>,
+        w1: WGroup<'_>,
+        b: usize,
+        dst: &mut [u8; amx::WEIGHT_TILE_BYTES],
+    ) {
+        let mask = _mm512_set1_epi8(0x0F);
+        let (q0, q1) = (
+            w0.blocks.get_unchecked(b).q.as_ptr(),
+            w1.blocks.get_unchecked(b).q.as_ptr(),
+        );
+        let d = dst.as_mut_ptr();
+        for chunk in 0..4 {
+            let v0 = _mm256_loadu_si256(q0.add(chunk * 32) as *const __m256i);
+            let v1 = _mm256_loadu_si256(q1.add(chunk * 32) as *const __m256i);
+            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
+            _mm512_storeu_si512(d.add(chunk * 64) as *mut _, _mm512_and_si512(v, mask));
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+            _mm512_storeu_si512(d.add(256 + chunk * 64) as *mut _, hi);
+        }
+    }
+
+    /// Eight f16 scales of each of two groups, widened to 16 f32 lanes (group `a`'s low).
+    ///
+    /// SAFETY: avx512f; eight values readable at `a` and at `b`.
+    #[inline(always)]
+    unsafe fn widen16(a: *const half::f16, b: *const half::f16) -> __m512 {
+        let lo = _mm_loadu_si128(a as *const __m128i);
+        let hi = _mm_loadu_si128(b as *const __m128i);
+        _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+    }
+
     /// [`rows_1_with`] with AVX2.
     ///
     /// SAFETY: caller must ensure avx2, fma and f16c and that `x` fits `m`'s groups.
@@ -1241,6 +1654,15 @@ mod tests {
     fn equals_candle_prefill_1536x576() -> Result<()> {
         // 15 tokens: a pass of eight (AVX-512 VNNI), one of four and three single tokens.
         check(15, 1536, 576)
+    }
+
+    #[test]
+    fn equals_candle_in_whole_tiles_of_sixteen_tokens() -> Result<()> {
+        // Two tiles of 16 tokens (AMX tile products where the CPU has them) and a tail of
+        // five; tasks of whole row pairs and a last odd group.
+        check(37, 1536, 200)?;
+        // A pair of groups whose second holds four rows.
+        check(20, 64, 12)
     }
 
     #[test]

@@ -193,6 +193,7 @@ impl Q8_0Matrix {
             n_out: self.n_out,
             t: act.t,
             row_bytes: self.k / QK * BLOCK_BYTES,
+            align: ROW_ALIGN,
         };
         par_rows(job, out, |o| match isa {
             Isa::Scalar => fill(self, act, o, dot_scalar),
