@@ -32,6 +32,12 @@
 //! in a 512-bit register against eight tokens at a time. The sums are the same integers, so
 //! the results are the same bits.
 //!
+//! On CPUs with AMX (Intel Sapphire Rapids and later), where Linux grants the process the
+//! tile state, a product of at least `AMX_MIN_TOKENS` (64) tokens takes each block's integer
+//! sums for 16 tokens × 16 rows from one `tdpbsud` tile product instead (the nibbles
+//! unpacked into tiles once per task; `ORCHARD_NO_AMX=1` turns it off). Again the same
+//! integers, and the float part is the VNNI kernel's, lane for lane.
+//!
 //! The activation quantization mirrors candle's `BlockQ8_1::from_float` bit for bit
 //! (including the f16 rounding of `d` and `s`).
 
