@@ -819,24 +819,23 @@ mod amx {
     /// SAFETY: tiles configured; 16 rows readable at `x`.
     #[inline(always)]
     pub unsafe fn product<const S: usize>(x: *const i8, stride: usize, w: &WeightTile) {
+        // One asm block per set: tile registers are named in the instruction.
+        macro_rules! product {
+            ($sums:literal, $x:literal, $w:literal) => {
+                asm!(
+                    concat!("tileloadd tmm", $x, ", [{x} + {s} * 1]"),
+                    concat!("tileloadd tmm", $w, ", [{w} + {ws} * 1]"),
+                    concat!("tilezero tmm", $sums),
+                    concat!("tdpbsud tmm", $sums, ", tmm", $x, ", tmm", $w),
+                    x = in(reg) x, s = in(reg) stride, w = in(reg) w.0.as_ptr(), ws = in(reg) 64usize,
+                    options(nostack, preserves_flags, readonly),
+                )
+            };
+        }
         if S == 0 {
-            asm!(
-                "tileloadd tmm2, [{x} + {s} * 1]",
-                "tileloadd tmm4, [{w} + {ws} * 1]",
-                "tilezero tmm0",
-                "tdpbsud tmm0, tmm2, tmm4",
-                x = in(reg) x, s = in(reg) stride, w = in(reg) w.0.as_ptr(), ws = in(reg) 64usize,
-                options(nostack, preserves_flags, readonly),
-            );
+            product!("0", "2", "4");
         } else {
-            asm!(
-                "tileloadd tmm3, [{x} + {s} * 1]",
-                "tileloadd tmm5, [{w} + {ws} * 1]",
-                "tilezero tmm1",
-                "tdpbsud tmm1, tmm3, tmm5",
-                x = in(reg) x, s = in(reg) stride, w = in(reg) w.0.as_ptr(), ws = in(reg) 64usize,
-                options(nostack, preserves_flags, readonly),
-            );
+            product!("1", "3", "5");
         }
     }
 
@@ -1397,15 +1396,7 @@ mod avx2 {
             (w0, w1, nb - 1),
             (xd, xs),
         );
-        for (v, o) in sumf.into_iter().zip(out) {
-            if o.len() == 2 * ROWS {
-                _mm512_storeu_ps(o.as_mut_ptr(), v);
-            } else {
-                let mut lanes = [0f32; 2 * ROWS];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-                o.copy_from_slice(&lanes[..o.len()]);
-            }
-        }
+        store16(sumf, out);
     }
 
     /// `sumf[c] += sumi * d_w * d_x + m_w * s_x` for each token `c` of an AMX tile's block `b`
@@ -1426,13 +1417,9 @@ mod avx2 {
         let dw = widen16(b0.d.as_ptr(), b1.d.as_ptr());
         let mw = widen16(b0.m.as_ptr(), b1.m.as_ptr());
         for (c, sumf) in sumf.iter_mut().enumerate() {
-            let sumi = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums.0[c].as_ptr() as *const _));
-            let dx = _mm512_set1_ps(*xd.add(b * T + c));
-            let sx = _mm512_set1_ps(*xs.add(b * T + c));
-            let scaled = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), dx);
-            // Exact product of two f16 values: the same bits as mul, then add.
-            let t = _mm512_fmadd_ps(mw, sx, scaled);
-            *sumf = _mm512_add_ps(*sumf, t);
+            let sumi = _mm512_loadu_si512(sums.0[c].as_ptr() as *const _);
+            let (dx, sx) = (*xd.add(b * T + c), *xs.add(b * T + c));
+            *sumf = add_scaled(*sumf, sumi, (dw, mw), (dx, sx));
         }
     }
 
@@ -1462,6 +1449,42 @@ mod avx2 {
             _mm512_storeu_si512(d.add(chunk * 64) as *mut _, _mm512_and_si512(v, mask));
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
             _mm512_storeu_si512(d.add(256 + chunk * 64) as *mut _, hi);
+        }
+    }
+
+    /// `sumf + (sumi * d_w * d_x + m_w * s_x)` for 16 row lanes of one block and token, in
+    /// candle's order: the block's exact integer sums converted, scaled by the rows' `d_w`,
+    /// then the token's `d_x`, plus `m_w * s_x` (one FMA: both are f16 values, so the product
+    /// is exact in f32 and its fused rounding is the add's), then added to the running sum.
+    ///
+    /// SAFETY: avx512f.
+    #[inline(always)]
+    unsafe fn add_scaled(
+        sumf: __m512,
+        sumi: __m512i,
+        (dw, mw): (__m512, __m512),
+        (dx, sx): (f32, f32),
+    ) -> __m512 {
+        let scaled = _mm512_mul_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), dw),
+            _mm512_set1_ps(dx),
+        );
+        _mm512_add_ps(sumf, _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), scaled))
+    }
+
+    /// Token `c`'s 16 row lanes `v[c]` into `out[c]` (its first `out[c].len()` of them).
+    ///
+    /// SAFETY: avx512f; every `out[c].len() <= 16`.
+    #[inline(always)]
+    unsafe fn store16<const C: usize>(v: [__m512; C], out: [&mut [f32]; C]) {
+        for (v, o) in v.into_iter().zip(out) {
+            if o.len() == 2 * ROWS {
+                _mm512_storeu_ps(o.as_mut_ptr(), v);
+            } else {
+                let mut lanes = [0f32; 2 * ROWS];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+                o.copy_from_slice(&lanes[..o.len()]);
+            }
         }
     }
 
@@ -1507,12 +1530,6 @@ mod avx2 {
     ) {
         let mask = _mm512_set1_epi8(0x0F);
         let mut sumf = [_mm512_setzero_ps(); C];
-        // Eight f16 of each group, widened to 16 f32 lanes.
-        let widen16 = |a: *const half::f16, b: *const half::f16| {
-            let lo = _mm_loadu_si128(a as *const __m128i);
-            let hi = _mm_loadu_si128(b as *const __m128i);
-            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
-        };
         for b in 0..w0.nb {
             let (b0, b1) = (w0.blocks.get_unchecked(b), w1.blocks.get_unchecked(b));
             let (q0, q1) = (b0.q.as_ptr(), b1.q.as_ptr());
@@ -1541,24 +1558,11 @@ mod avx2 {
             let dw = widen16(b0.d.as_ptr(), b1.d.as_ptr());
             let mw = widen16(b0.m.as_ptr(), b1.m.as_ptr());
             for c in 0..C {
-                let sumi = _mm512_cvtepi32_ps(acc[c]);
-                let dx = _mm512_set1_ps(*x[c].d.get_unchecked(b));
-                let sx = _mm512_set1_ps(*x[c].s.get_unchecked(b));
-                let scaled = _mm512_mul_ps(_mm512_mul_ps(sumi, dw), dx);
-                // Exact product of two f16 values: the same bits as mul, then add.
-                let t = _mm512_fmadd_ps(mw, sx, scaled);
-                sumf[c] = _mm512_add_ps(sumf[c], t);
+                let (dx, sx) = (*x[c].d.get_unchecked(b), *x[c].s.get_unchecked(b));
+                sumf[c] = add_scaled(sumf[c], acc[c], (dw, mw), (dx, sx));
             }
         }
-        for (v, o) in sumf.into_iter().zip(out) {
-            if o.len() == 2 * ROWS {
-                _mm512_storeu_ps(o.as_mut_ptr(), v);
-            } else {
-                let mut lanes = [0f32; 2 * ROWS];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-                o.copy_from_slice(&lanes[..o.len()]);
-            }
-        }
+        store16(sumf, out);
     }
 
     /// [`rows_1_with`] with AVX-512 VNNI.
