@@ -1,4 +1,5 @@
-//! Q8_0 × f32 matrix product for CPU, with an AVX2 kernel.
+//! Q8_0 × f32 matrix product for CPU, with an AVX2 kernel (and an AVX-512 VNNI one giving the
+//! same bits where the CPU has it).
 //!
 //! The default model keeps its (tied) token embedding in Q8_0, so the LM head - a
 //! `[49152, 576]` matrix, about a third of the bytes read per decode step - runs here. Like the
@@ -188,6 +189,10 @@ impl Q8_0Matrix {
     }
 
     fn matmul_q8(&self, act: &Q8_0Activations, out: &mut [f32], isa: Isa) {
+        self.matmul_q8_with(act, out, isa, vnni_available())
+    }
+
+    fn matmul_q8_with(&self, act: &Q8_0Activations, out: &mut [f32], isa: Isa, vnni: bool) {
         assert_eq!(act.k, self.k, "Q8_0Matrix::matmul: activation k");
         let job = RowsJob {
             n_out: self.n_out,
@@ -198,10 +203,27 @@ impl Q8_0Matrix {
         par_rows(job, out, |o| match isa {
             Isa::Scalar => fill(self, act, o, dot_scalar),
             // SAFETY: `Avx2` only comes from runtime detection (avx2, fma, f16c).
+            // SAFETY: `vnni` only comes from runtime detection of AVX-512 VNNI (and `Avx2`).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if vnni => unsafe { avx2::fill_vnni(self, act, o) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::fill(self, act, o) },
         });
     }
+}
+
+/// Whether the CPU has AVX-512 with VNNI (F, BW, VL, VNNI), for [`avx2::fill_vnni`].
+fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::detect() == Isa::Avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// A tile's outputs, row group after row group: each group's weights (a few KiB) are read
@@ -257,6 +279,78 @@ mod avx2 {
         });
     }
 
+    /// [`super::fill`] with [`dot_group_vnni`].
+    ///
+    /// SAFETY: caller ensures avx2, fma, f16c, avx512f, avx512bw, avx512vl and avx512vnni.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn fill_vnni(w: &Q8_0Matrix, act: &Q8_0Activations, out: TileOut<'_>) {
+        super::fill(w, act, out, |g, x| {
+            // SAFETY: this function's features; `fill` passes whole groups and rows of `k`.
+            unsafe { dot_group_vnni(g, x) }
+        });
+    }
+
+    /// [`dot_group`]'s results with AVX-512 VNNI, two rows a 512-bit register (row `2j` in
+    /// lanes 0-7, row `2j + 1` in lanes 8-15). Lane `l` of a row is still the exact integer
+    /// `sum(w[4l..4l + 4] * x[4l..4l + 4])` of the block: `dot_group`'s `maddubs` of `|w|` and
+    /// `x` signed by `w` cannot saturate, since activations quantized by [`super::quantize_i8`]
+    /// lie in [-127, 127] (pairs of products stay within 2 × 128 × 127), and `vpdpbusd` takes
+    /// `w + 128` as unsigned bytes against `x`, starting from `-128 * sum(x)` per lane. Then
+    /// the same float operations per lane (`d_w * d_x`, one FMA per block, the same horizontal
+    /// sum at the end), so the same bits with about a third of the instructions.
+    ///
+    /// SAFETY: as [`dot_group`], and avx512f, avx512bw, avx512vl and avx512vnni.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn dot_group_vnni(w: Group<'_>, (xd, xq): Row<'_>) -> [f32; ROWS] {
+        debug_assert!(w.d.len() == xd.len() * ROWS && w.q.len() == w.d.len() * QK);
+        debug_assert!(xq.len() == xd.len() * QK);
+        let (wd, wq) = (w.d.as_ptr(), w.q.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); ROWS / 2];
+        let bias = _mm512_set1_epi8(i8::MIN);
+        // Scale vector `j`: row 2j's scale in lanes 0-7, row 2j + 1's in lanes 8-15.
+        let pick: [__m512i; ROWS / 2] = std::array::from_fn(|j| {
+            let (a, b) = (2 * j as i32, 2 * j as i32 + 1);
+            _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+        });
+        for b in 0..xd.len() {
+            let x = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                xq.as_ptr().add(b * QK) as *const __m256i
+            ));
+            // -128 * (the lane's four activations), so that adding (w + 128) * x gives w * x.
+            let start = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, x),
+            );
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b * ROWS) as *const __m128i));
+            let scales =
+                _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(*xd.get_unchecked(b))));
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let wv = _mm512_loadu_si512(wq.add((b * ROWS + 2 * j) * QK) as *const _);
+                let sumi = _mm512_dpbusd_epi32(start, _mm512_xor_si512(wv, bias), x);
+                let scale = _mm512_permutexvar_ps(pick[j], scales);
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sumi), *acc);
+            }
+        }
+        let mut out = [0f32; ROWS];
+        for (j, a) in acc.into_iter().enumerate() {
+            out[2 * j] = hsum8(_mm512_castps512_ps256(a));
+            out[2 * j + 1] = hsum8(_mm512_extractf32x8_ps::<1>(a));
+        }
+        out
+    }
+
+    /// The eight lanes of `a` summed in candle's pairing (halves, then pairs, then the two).
+    ///
+    /// SAFETY: avx available.
+    #[inline(always)]
+    unsafe fn hsum8(a: __m256) -> f32 {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+        _mm_cvtss_f32(s1)
+    }
+
     /// AVX2 + FMA dot products of a row group with one activation row: per row, candle's
     /// AVX2 `vec_dot_q8_0_q8_0` operation for operation (eight lane sums of
     /// `maddubs`/`madd` products, one FMA per block with the scale `d_w * d_x`, one
@@ -291,12 +385,8 @@ mod avx2 {
                 *acc = _mm256_fmadd_ps(_mm256_set1_ps(scales[r]), f, *acc);
             }
         }
-        acc.map(|a| {
-            let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-            _mm_cvtss_f32(s1)
-        })
+        // SAFETY: this function's features.
+        acc.map(|a| unsafe { hsum8(a) })
     }
 }
 
@@ -353,6 +443,12 @@ mod tests {
         // The same operations in the same order as candle's AVX2 `vec_dot_q8_0_q8_0`.
         assert_eq!(got, reference, "t={t} k={k} n={n}");
         let act = Q8_0Activations::quantize(&xs, t, k);
+        // Both SIMD kernels this CPU runs give candle's bits.
+        for vnni in [false, vnni_available()] {
+            let mut each = vec![0f32; t * n];
+            ours.matmul_q8_with(&act, &mut each, Isa::detect(), vnni);
+            assert_eq!(each, reference, "vnni {vnni}, t={t} k={k} n={n}");
+        }
         let mut scalar = vec![0f32; t * n];
         ours.matmul_q8(&act, &mut scalar, Isa::Scalar);
         let err = max_rel_err(&scalar, &got);
@@ -375,6 +471,43 @@ mod tests {
         // 43 rows: the last group holds 3 rows and 5 zero rows, whose products are dropped.
         check(1, 96, 43)?;
         check(3, 96, 43)
+    }
+
+    /// Weights at both ends of the int8 range (-128 included, which `vpdpbusd` takes as 0 after
+    /// the bias) and activations at ±127 (their range): the VNNI kernel gives the AVX2
+    /// kernel's (candle's) bits.
+    #[test]
+    fn extreme_weights_give_the_same_bits_on_both_kernels() -> Result<()> {
+        let (n, k, t) = (16, 64, 2);
+        let mut raw = Vec::new();
+        for r in 0..n {
+            for b in 0..k / QK {
+                raw.extend(f16::from_f32(0.01 * (r + b + 1) as f32).to_le_bytes());
+                raw.extend((0..QK).map(|i| match (r + i + b) % 4 {
+                    0 => i8::MIN,
+                    1 => i8::MAX,
+                    2 => -1,
+                    _ => (i as i8) - 16,
+                } as u8));
+            }
+        }
+        let w = Q8_0Matrix::from_raw(&raw, n, k)?;
+        let xs: Vec<f32> = (0..t * k)
+            .map(|i| {
+                if i % 3 == 0 {
+                    -1.0
+                } else {
+                    1.0 - (i % 7) as f32 * 0.01
+                }
+            })
+            .collect();
+        let act = Q8_0Activations::quantize(&xs, t, k);
+        assert!(act.q.contains(&-127) && act.q.contains(&127));
+        let (mut avx2, mut vnni) = (vec![0f32; t * n], vec![0f32; t * n]);
+        w.matmul_q8_with(&act, &mut avx2, Isa::detect(), false);
+        w.matmul_q8_with(&act, &mut vnni, Isa::detect(), vnni_available());
+        assert_eq!(vnni, avx2);
+        Ok(())
     }
 
     #[test]
