@@ -35,6 +35,21 @@ impl Isa {
         }
         Isa::Scalar
     }
+
+    /// Whether this CPU also has AVX-512 F, BW, VL and VNNI, on top of [`Isa::Avx2`]: the
+    /// Q4_1 and Q8_0 kernels' `vpdpbusd` paths (the answers are cached by `std`).
+    pub fn has_avx512_vnni() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            Isa::detect() == Isa::Avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
 }
 
 /// Shape of one row-parallel matrix product `out[t, n_out] = x[t, k] @ W[n_out, k]^T`.

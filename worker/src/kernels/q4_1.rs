@@ -426,14 +426,28 @@ unsafe fn tile_with<P: Passes>(m: &Q4_1Matrix, act: &Q8_1Activations, o: &mut Ti
     while g < groups.end {
         let pass = (groups.end - g).min(P::GROUPS);
         let rows = g * ROWS..((g + pass) * ROWS).min(tile.rows.end);
-        let mut ti = tile.tokens.start;
-        if P::WIDE {
-            ti = passes::<P, WIDE_TOKENS>(m, act, o, (g..g + pass, &rows), ti);
-        }
-        ti = passes::<P, TOKENS>(m, act, o, (g..g + pass, &rows), ti);
-        passes::<P, 1>(m, act, o, (g..g + pass, &rows), ti);
+        token_passes::<P>(m, act, o, (g..g + pass, &rows));
         g += pass;
     }
+}
+
+/// The tile's tokens against row groups `groups` (rows `rows`): passes of [`WIDE_TOKENS`]
+/// tokens first where `P` has them, then [`TOKENS`], then one at a time.
+///
+/// SAFETY: as [`tile_with`]; `groups` and `rows` lie within the tile.
+#[inline(always)]
+unsafe fn token_passes<P: Passes>(
+    m: &Q4_1Matrix,
+    act: &Q8_1Activations,
+    o: &mut TileOut<'_>,
+    (groups, rows): (std::ops::Range<usize>, &std::ops::Range<usize>),
+) {
+    let mut ti = o.tile.tokens.start;
+    if P::WIDE {
+        ti = passes::<P, WIDE_TOKENS>(m, act, o, (groups.clone(), rows), ti);
+    }
+    ti = passes::<P, TOKENS>(m, act, o, (groups.clone(), rows), ti);
+    passes::<P, 1>(m, act, o, (groups, rows), ti);
 }
 
 /// [`tile_with`]'s passes of `C` tokens over row groups `groups` (rows `rows`), from token `ti`
@@ -535,12 +549,7 @@ impl Kernel {
         match Isa::detect() {
             Isa::Scalar => Kernel::Scalar,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2
-                if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512vnni") =>
-            {
+            Isa::Avx2 if Isa::has_avx512_vnni() => {
                 #[cfg(target_os = "linux")]
                 if amx::available() {
                     return Kernel::Amx;
@@ -581,7 +590,8 @@ impl Kernel {
 
     /// The rows a task of a product should start on a multiple of: an AMX tile product takes
     /// two row groups at a time, and a task with an odd group leaves it to the VNNI passes
-    /// (a 512-token prefill took 3% longer with tasks of 72 rows than of 80).
+    /// (a 512-token prefill took 3% longer with tasks of 72 rows than of 80, measured when
+    /// tasks were a quarter of a thread's rows).
     fn row_align(self) -> usize {
         match self {
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -877,7 +887,7 @@ fn dot_scalar(w: WGroup<'_>, lane: usize, x: XRow<'_>) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     #[cfg(target_os = "linux")]
-    use super::{amx, passes, TOKENS, WIDE_TOKENS};
+    use super::{amx, token_passes};
     use super::{
         next_group, tile_with, GroupBlock, Passes, Q4_1Matrix, Q8_1Activations, WGroup, XRow,
         PREFETCH_BLOCKS, QK, ROWS,
@@ -1326,9 +1336,7 @@ mod avx2 {
                 }
                 amx_pair(w0, w1, act, t0, weights, (ds, ss), out);
             } else {
-                let ti = passes::<VnniPasses, WIDE_TOKENS>(m, act, o, (g..g + 1, &rows), t0);
-                let ti = passes::<VnniPasses, TOKENS>(m, act, o, (g..g + 1, &rows), ti);
-                passes::<VnniPasses, 1>(m, act, o, (g..g + 1, &rows), ti);
+                token_passes::<VnniPasses>(m, act, o, (g..g + 1, &rows));
             }
             g += pass;
         }
@@ -1436,20 +1444,33 @@ mod avx2 {
         b: usize,
         dst: &mut [u8; amx::WEIGHT_TILE_BYTES],
     ) {
-        let mask = _mm512_set1_epi8(0x0F);
         let (q0, q1) = (
             w0.blocks.get_unchecked(b).q.as_ptr(),
             w1.blocks.get_unchecked(b).q.as_ptr(),
         );
         let d = dst.as_mut_ptr();
         for chunk in 0..4 {
-            let v0 = _mm256_loadu_si256(q0.add(chunk * 32) as *const __m256i);
-            let v1 = _mm256_loadu_si256(q1.add(chunk * 32) as *const __m256i);
-            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
-            _mm512_storeu_si512(d.add(chunk * 64) as *mut _, _mm512_and_si512(v, mask));
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+            let (lo, hi) = nibbles16(q0, q1, chunk);
+            _mm512_storeu_si512(d.add(chunk * 64) as *mut _, lo);
             _mm512_storeu_si512(d.add(256 + chunk * 64) as *mut _, hi);
         }
+    }
+
+    /// Chunk `chunk` of two groups' interleaved nibble bytes (`q0`'s eight rows in the low
+    /// half, `q1`'s in the high), as its low nibbles and its high nibbles, one byte each:
+    /// [`pair_with`]'s `vpdpbusd` operands and an AMX weight tile's rows.
+    ///
+    /// SAFETY: avx512f and avx512bw; 128 readable bytes at `q0` and at `q1`, `chunk < 4`.
+    #[inline(always)]
+    unsafe fn nibbles16(q0: *const u8, q1: *const u8, chunk: usize) -> (__m512i, __m512i) {
+        let mask = _mm512_set1_epi8(0x0F);
+        let v0 = _mm256_loadu_si256(q0.add(chunk * 32) as *const __m256i);
+        let v1 = _mm256_loadu_si256(q1.add(chunk * 32) as *const __m256i);
+        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
+        (
+            _mm512_and_si512(v, mask),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+        )
     }
 
     /// `sumf + (sumi * d_w * d_x + m_w * s_x)` for 16 row lanes of one block and token, in
@@ -1528,7 +1549,6 @@ mod avx2 {
         stream: bool,
         out: [&mut [f32]; C],
     ) {
-        let mask = _mm512_set1_epi8(0x0F);
         let mut sumf = [_mm512_setzero_ps(); C];
         for b in 0..w0.nb {
             let (b0, b1) = (w0.blocks.get_unchecked(b), w1.blocks.get_unchecked(b));
@@ -1542,11 +1562,7 @@ mod avx2 {
             // free of spills (with two per token it was slower, 3 of 3 alternating rounds).
             let mut acc = [_mm512_setzero_si512(); C];
             for chunk in 0..4 {
-                let v0 = _mm256_loadu_si256(q0.add(chunk * 32) as *const __m256i);
-                let v1 = _mm256_loadu_si256(q1.add(chunk * 32) as *const __m256i);
-                let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v0), v1);
-                let lo = _mm512_and_si512(v, mask);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                let (lo, hi) = nibbles16(q0, q1, chunk);
                 for c in 0..C {
                     let xp = x[c].q.as_ptr().add(b * QK + 4 * chunk);
                     let bcast =

@@ -189,7 +189,7 @@ impl Q8_0Matrix {
     }
 
     fn matmul_q8(&self, act: &Q8_0Activations, out: &mut [f32], isa: Isa) {
-        self.matmul_q8_with(act, out, isa, vnni_available())
+        self.matmul_q8_with(act, out, isa, Isa::has_avx512_vnni())
     }
 
     fn matmul_q8_with(&self, act: &Q8_0Activations, out: &mut [f32], isa: Isa, vnni: bool) {
@@ -202,28 +202,15 @@ impl Q8_0Matrix {
         };
         par_rows(job, out, |o| match isa {
             Isa::Scalar => fill(self, act, o, dot_scalar),
-            // SAFETY: `Avx2` only comes from runtime detection (avx2, fma, f16c).
-            // SAFETY: `vnni` only comes from runtime detection of AVX-512 VNNI (and `Avx2`).
+            // SAFETY: `vnni` only comes from `Isa::has_avx512_vnni` (runtime detection of
+            // AVX-512 VNNI, and of `Avx2`).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if vnni => unsafe { avx2::fill_vnni(self, act, o) },
+            // SAFETY: `Avx2` only comes from runtime detection (avx2, fma, f16c).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { avx2::fill(self, act, o) },
         });
     }
-}
-
-/// Whether the CPU has AVX-512 with VNNI (F, BW, VL, VNNI), for [`avx2::fill_vnni`].
-fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        Isa::detect() == Isa::Avx2
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// A tile's outputs, row group after row group: each group's weights (a few KiB) are read
@@ -265,6 +252,8 @@ fn dot_scalar(w: Group<'_>, (xd, xq): Row<'_>) -> [f32; ROWS] {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Group, Q8_0Activations, Q8_0Matrix, Row, QK, ROWS};
+    // Candle's pairing of a row's eight lanes (halves, then pairs, then the two).
+    use crate::kernels::vec::avx2::hsum;
     use crate::kernels::TileOut;
     use std::arch::x86_64::*;
 
@@ -334,21 +323,10 @@ mod avx2 {
         }
         let mut out = [0f32; ROWS];
         for (j, a) in acc.into_iter().enumerate() {
-            out[2 * j] = hsum8(_mm512_castps512_ps256(a));
-            out[2 * j + 1] = hsum8(_mm512_extractf32x8_ps::<1>(a));
+            out[2 * j] = hsum(_mm512_castps512_ps256(a));
+            out[2 * j + 1] = hsum(_mm512_extractf32x8_ps::<1>(a));
         }
         out
-    }
-
-    /// The eight lanes of `a` summed in candle's pairing (halves, then pairs, then the two).
-    ///
-    /// SAFETY: avx available.
-    #[inline(always)]
-    unsafe fn hsum8(a: __m256) -> f32 {
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1)
     }
 
     /// AVX2 + FMA dot products of a row group with one activation row: per row, candle's
@@ -386,7 +364,7 @@ mod avx2 {
             }
         }
         // SAFETY: this function's features.
-        acc.map(|a| unsafe { hsum8(a) })
+        acc.map(|a| unsafe { hsum(a) })
     }
 }
 
@@ -444,7 +422,7 @@ mod tests {
         assert_eq!(got, reference, "t={t} k={k} n={n}");
         let act = Q8_0Activations::quantize(&xs, t, k);
         // Both SIMD kernels this CPU runs give candle's bits.
-        for vnni in [false, vnni_available()] {
+        for vnni in [false, Isa::has_avx512_vnni()] {
             let mut each = vec![0f32; t * n];
             ours.matmul_q8_with(&act, &mut each, Isa::detect(), vnni);
             assert_eq!(each, reference, "vnni {vnni}, t={t} k={k} n={n}");
@@ -505,7 +483,7 @@ mod tests {
         assert!(act.q.contains(&-127) && act.q.contains(&127));
         let (mut avx2, mut vnni) = (vec![0f32; t * n], vec![0f32; t * n]);
         w.matmul_q8_with(&act, &mut avx2, Isa::detect(), false);
-        w.matmul_q8_with(&act, &mut vnni, Isa::detect(), vnni_available());
+        w.matmul_q8_with(&act, &mut vnni, Isa::detect(), Isa::has_avx512_vnni());
         assert_eq!(vnni, avx2);
         Ok(())
     }

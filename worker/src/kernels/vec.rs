@@ -925,8 +925,12 @@ pub(crate) mod avx2 {
             .fold(f32::NEG_INFINITY, f32::max)
     }
 
+    /// The eight lanes of `v` summed as `gemm`'s and candle's horizontal kernels pair them:
+    /// `(l0 + l4) + (l2 + l6)`, then `+ ((l1 + l5) + (l3 + l7))`.
+    ///
+    /// SAFETY: avx available.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))

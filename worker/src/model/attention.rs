@@ -39,8 +39,10 @@ const PARALLEL_MIN_TOKENS: usize = 4;
 /// brought into cache once for all of them (a long prompt's K/V does not fit in L2).
 const QUERY_TILE: usize = 8;
 
-/// From this many tokens a tile's scores read each block's keys transposed ([`vec::KeysT`]):
-/// the transpose costs about as many instructions as one token's scores save.
+/// From this many tokens a tile's scores read each block's keys transposed ([`vec::KeysT`]);
+/// a tile of one token (a decode step's) keeps the per-key kernel, which needs no transpose.
+/// Not tuned: the A/B that kept the transposed kernel ran 512-token prefills (tiles of
+/// [`QUERY_TILE`] tokens).
 const TRANSPOSE_MIN_TOKENS: usize = 2;
 
 /// A step with fewer tokens (decode) spreads a token's attention over the compute team (see
