@@ -169,10 +169,13 @@ async fn closed_loop(
             let mut out = Vec::new();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
-                if !spec.stop.allows(index, start.elapsed()) {
+                // One clock read both decides and stamps the request, so a request sent in a
+                // duration window is recorded as starting inside it.
+                let now = start.elapsed();
+                if !spec.stop.allows(index, now) {
                     break;
                 }
-                out.push(one_request(&client, &spec, index, start).await);
+                out.push(one_request(&client, &spec, index, now).await);
                 progress.inc();
             }
             out
@@ -193,7 +196,7 @@ async fn open_loop(
         tokio::time::sleep_until((start + *at).into()).await;
         let (client, spec, progress) = (client.clone(), spec.clone(), progress.clone());
         set.spawn(async move {
-            let outcome = one_request(&client, &spec, index, start).await;
+            let outcome = one_request(&client, &spec, index, start.elapsed()).await;
             progress.inc();
             vec![outcome]
         });
@@ -215,8 +218,9 @@ async fn join_all(mut set: JoinSet<Vec<Outcome>>) -> Vec<Outcome> {
     all
 }
 
-/// Sends request `index` with the run's settings and stamps its position and start time.
-async fn one_request(client: &Client, spec: &LoadSpec, index: usize, start: Instant) -> Outcome {
+/// Sends request `index` with the run's settings and stamps its position and its start time
+/// (`sent`, since the run's start).
+async fn one_request(client: &Client, spec: &LoadSpec, index: usize, sent: Duration) -> Outcome {
     let prompt = spec.prompts.prompt(index);
     let request = RequestSpec {
         prompt: prompt.text,
@@ -225,7 +229,7 @@ async fn one_request(client: &Client, spec: &LoadSpec, index: usize, start: Inst
         temperature: spec.temperature,
         ignore_eos: spec.ignore_eos,
     };
-    let start_s = start.elapsed().as_secs_f64();
+    let start_s = sent.as_secs_f64();
     let result = tokio::time::timeout(spec.request_timeout, client.generate(&request))
         .await
         .unwrap_or(Err(RequestError::Timeout(spec.request_timeout)))
